@@ -1,0 +1,195 @@
+"""Command line: serve, run, sync, reconcile, status, check-config (design §6).
+
+Exit codes: 0 success, 1 the work did not all succeed (failed files, held prunes), 2 bad usage or config,
+3 another syncd holds the state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from syncd.config import Config, ConfigError, load_config, redacted
+
+EXIT_INCOMPLETE = 1
+EXIT_USAGE = 2
+EXIT_LOCKED = 3
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Keep watched folders mirrored into a Files API.",
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Config file (default: $SYNCD_CONFIG or the user config dir)."),
+]
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    typer.echo(f"syncd: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind (0 picks a free one).")] = 8000,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Where metadata and blobs live (default: user data dir).")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="SYNCD_SERVER_API_KEY", show_envvar=True, help="Bearer key clients must send."),
+    ] = None,
+    max_bytes: Annotated[int | None, typer.Option(min=0, help="Reject larger files with 413.")] = None,
+    reject_types: Annotated[
+        str, typer.Option(help="Comma list of MIME types or .extensions to reject with 415.")
+    ] = "",
+    fault_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of requests given a fault.")] = 0.0,
+    fault_kinds: Annotated[str, typer.Option(help="Comma list of 500,503,429,reset,slow.")] = "500,503,429,reset,slow",
+    fault_seed: Annotated[int | None, typer.Option(help="Seed for reproducible faults.")] = None,
+    latency_ms: Annotated[int, typer.Option(min=0, help="Delay every response (a simulated WAN).")] = 0,
+    public_only: Annotated[
+        bool, typer.Option(help="Turn off extensions (md5 field, purpose filters, content route).")
+    ] = False,
+) -> None:
+    """Run the reference Files API server."""
+    import platformdirs
+
+    from syncd.server.runner import serve as run_server
+    from syncd.server.settings import FAULT_KINDS, ServerSettings
+
+    if not api_key:
+        _fail("serve needs a key: pass --api-key or set SYNCD_SERVER_API_KEY")
+    kinds = tuple(k.strip() for k in fault_kinds.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(FAULT_KINDS))
+    if unknown:
+        _fail(f"--fault-kinds: unknown kind {', '.join(unknown)} (choose from {','.join(FAULT_KINDS)})")
+    settings = ServerSettings(
+        data_dir=data_dir or Path(platformdirs.user_data_dir("syncd")) / "server",
+        api_key=api_key,
+        host=host,
+        port=port,
+        max_bytes=max_bytes,
+        reject_types=tuple(t.strip() for t in reject_types.split(",") if t.strip()),
+        fault_rate=fault_rate,
+        fault_kinds=kinds,
+        fault_seed=fault_seed,
+        latency_ms=latency_ms,
+        public_only=public_only,
+    )
+    run_server(settings)
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    embedded: Annotated[
+        bool, typer.Option(help="Start a reference server on loopback, data in the state dir.")
+    ] = False,
+) -> None:
+    """Run the daemon: watch, settle, hash, upload, reconcile."""
+    from syncd.daemon import AlreadyRunning, run_daemon
+
+    cfg = _load(config)
+    try:
+        code = run_daemon(cfg, embedded=embedded)
+    except AlreadyRunning as exc:
+        _fail(str(exc), EXIT_LOCKED)
+    except ConfigError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command()
+def sync(
+    once: Annotated[bool, typer.Option("--once", help="One pass: scan, upload, exit.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """One pass: scan every root, upload what changed, mark what vanished; exit 0 when all is synced."""
+    from syncd.daemon import AlreadyRunning, sync_once
+
+    if not once:
+        _fail("sync needs --once (the continuous mode is `syncd run`)")
+    cfg = _load(config)
+    try:
+        code = sync_once(cfg, progress=sys.stderr.isatty())
+    except AlreadyRunning as exc:
+        _fail(str(exc), EXIT_LOCKED)
+    except ConfigError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command()
+def reconcile(
+    once: Annotated[bool, typer.Option("--once", help="One sync pass, then one reconcile pass.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
+    confirm: Annotated[
+        bool, typer.Option("--confirm", help="Apply a plan that exceeds max_delete/max_delete_fraction.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Prune remote files whose local copies were deleted or expired; re-upload vanished ones."""
+    from syncd.daemon import AlreadyRunning, reconcile_once
+
+    if not once:
+        _fail("reconcile needs --once (the daemon reconciles every reconcile.interval_seconds)")
+    cfg = _load(config)
+    try:
+        code = reconcile_once(cfg, dry_run=dry_run, confirm=confirm)
+    except AlreadyRunning as exc:
+        _fail(str(exc), EXIT_LOCKED)
+    except ConfigError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Counts per state, bytes queued, last errors, held prunes (reads without disturbing a daemon)."""
+    from syncd.status import collect, render
+
+    cfg = _load(config)
+    report = collect(cfg)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        render(report)
+
+
+@app.command("check-config")
+def check_config(config: ConfigOption = None) -> None:
+    """Validate the config and print the effective settings (the API key redacted)."""
+    cfg = _load(config)
+    effective = redacted(cfg)
+    effective["state"]["dir"] = str(cfg.state_dir)
+    typer.echo(f"# {cfg.source}")
+    typer.echo(json.dumps(effective, indent=2))
+    if cfg.api_key is None:
+        typer.echo(
+            "syncd: warning: no API key (set VLMRUN_API_KEY, remote.api_key_file, or a systemd credential "
+            "api-key); only `syncd run --embedded` works without one",
+            err=True,
+        )
+
+
+def main() -> None:
+    app()
