@@ -1,0 +1,530 @@
+"""Wiring of the stages, lifecycle and signals (design §1, §7, §8).
+
+Every queue between stages is created in `_Pipeline.__init__` with a bound, so back-pressure is visible
+and memory is bounded. Stages receive queues and callables, never another stage's object. Shutdown is
+the mirror image of start-up: sources stop, each stage drains into the next, the manifest commits last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import structlog
+
+from syncd import logs
+from syncd.api import ApiError, FilesClient, FileResponse
+from syncd.config import Config, ConfigError, WatchConfig, load_config
+from syncd.hashing import Changed, Digest, Hasher, Unreadable, Vanished
+from syncd.manifest import (
+    AlreadyRunning,
+    Entry,
+    FileKey,
+    Manifest,
+    ManifestReader,
+    QuickIndex,
+    State,
+    StateLock,
+    StatKey,
+)
+from syncd.plan import Forget, Keep, MarkDeleted, MarkMissing, NeedRemote, Restat, after_hash, needs_hash, on_missing
+from syncd.roots import RootRecord, observe_root, unavailable_reason
+from syncd.rules import CompiledRules, PurposeRule, RootRules, compile_rules
+from syncd.scan import FileStat, StatError, stat_path, walk
+from syncd.service import Notifier
+from syncd.upload import Outcome, RemoteIndex, UploadJob, sync_job
+
+__all__ = ["AlreadyRunning", "reconcile_once", "run_daemon", "sync_once"]
+
+log = structlog.get_logger("syncd.daemon")
+
+COMMIT_EVERY_WRITES = 1000  # measured: batched SQLite commits run ~200k rows/s vs 34k/s one per row
+COMMIT_EVERY_SECONDS = 0.25  # bounds what a crash can lose to a quarter second of hashing work
+HASH_QUEUE = 1024  # candidates waiting for a hasher: a few MB at most
+SCAN_BATCH = 256  # scan results handed from the walker thread to the loop per hop
+PREFETCH_LISTING_MIN = 64  # at least this many new files make one listing cheaper than N hash lookups
+LISTING_PAGES_PER_FILE = 0.05  # give up on the listing beyond one page per 20 new files (huge remotes)
+DRAIN_SECONDS = 30.0  # SIGTERM waits this long for in-flight uploads before exiting anyway
+
+
+@dataclass(frozen=True, slots=True)
+class Root:
+    index: int
+    path: Path
+    watch: WatchConfig
+    rules: CompiledRules
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A path that may need hashing: a scan or a settled event saw it with this stat."""
+
+    root: Root
+    root_id: int
+    relpath: str
+    stat: FileStat
+
+
+@dataclass(slots=True)
+class Counters:
+    scanned: int = 0
+    hashed: int = 0
+    unchanged: int = 0
+    uploaded: int = 0
+    reused: int = 0
+    failed: int = 0
+    retry: int = 0
+    changed: int = 0
+    unreadable: int = 0
+    bytes_uploaded: int = 0
+    deleted: int = 0
+    held_roots: list[str] = field(default_factory=list)
+
+
+def _statkey(st: FileStat) -> StatKey:
+    return StatKey(st.size, st.mtime_ns, st.ctime_ns, st.inode)
+
+
+def build_roots(config: Config) -> list[Root]:
+    roots = []
+    for index, watch in enumerate(config.watch):
+        try:
+            rules = compile_rules(
+                RootRules(
+                    ignore=watch.ignore,
+                    include=watch.include,
+                    max_file_size=watch.max_file_size or None,
+                    purpose_rules=tuple(PurposeRule(r.pattern, r.purpose) for r in watch.rules),
+                    default_purpose=watch.purpose,
+                )
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{config.source}: watch[{index}].rules: {exc}") from None
+        roots.append(Root(index, watch.path, watch, rules))
+    return roots
+
+
+def _file_filter(root: Root) -> Callable[[str, int], bool]:
+    accepts = root.rules.accepts
+    return lambda relpath, size: accepts(relpath, size) is None
+
+
+@dataclass(frozen=True, slots=True)
+class _ScanDone:
+    root: Root
+    root_id: int
+    missing: list[Entry]
+    errors: list[tuple[str, str]]
+
+
+def _scan_thread(
+    root: Root,
+    root_id: int,
+    state_dir: Path,
+    deliver: Callable[[list[Candidate]], None],
+    want_missing: bool,
+) -> _ScanDone:
+    """Walk one root with the one-stat quick check; runs on a worker thread with its own read connection."""
+    with ManifestReader.open_readonly(state_dir) as reader:
+        index: QuickIndex = reader.load_quick_index(root_id)
+        batch: list[Candidate] = []
+        errors: list[tuple[str, str]] = []
+        recursive = root.watch.recursive
+        ignores_dir = root.rules.ignores_dir
+        for result in walk(
+            str(root.path),
+            ignores_dir=(lambda rel: True) if not recursive else ignores_dir,
+            wanted=_file_filter(root),
+        ):
+            if result.stat is None:
+                errors.append((result.relpath, result.error or "unknown error"))
+                continue
+            index.mark_seen(result.relpath)
+            known = index.get(result.relpath)
+            if known is not None and not needs_hash(known[0], known[1], _statkey(result.stat)):
+                if known[1] not in (State.QUEUED, State.UPLOADING):
+                    continue
+            batch.append(Candidate(root, root_id, result.relpath, result.stat))
+            if len(batch) >= SCAN_BATCH:
+                deliver(batch)
+                batch = []
+        if batch:
+            deliver(batch)
+        missing = []
+        if want_missing:
+            missing = [e for e in reader.iter_root(root_id) if e.state is not State.DELETED
+                       and not index.was_seen(e.relpath)]
+    return _ScanDone(root, root_id, missing, errors)
+
+
+class _Pipeline:
+    """The stages of one process run, wired together; `sync_once` and the daemon drive it."""
+
+    def __init__(
+        self,
+        config: Config,
+        manifest: Manifest,
+        client: FilesClient,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.manifest = manifest
+        self.client = client
+        self.clock = clock
+        self.roots = build_roots(config)
+        self.counters = Counters()
+        self.hasher = Hasher()
+        self.hash_q: asyncio.Queue[Candidate | None] = asyncio.Queue(HASH_QUEUE)
+        self.upload_q: asyncio.Queue[UploadJob | None] = asyncio.Queue(config.remote.concurrency * 4)
+        self.inflight: dict[tuple[str, str], asyncio.Event] = {}
+        self.remote_index: asyncio.Future[RemoteIndex | None] | None = None
+        self.unreadable_logged: set[tuple[int, str]] = set()
+        self.on_changed: Callable[[Candidate], None] = self._count_changed
+        self._last_commit = time.monotonic()
+
+    # manifest batching
+
+    def maybe_commit(self) -> None:
+        now = time.monotonic()
+        if self.manifest.pending_writes >= COMMIT_EVERY_WRITES or now - self._last_commit >= COMMIT_EVERY_SECONDS:
+            self.manifest.commit()
+            self._last_commit = now
+
+    def _count_changed(self, cand: Candidate) -> None:
+        self.counters.changed += 1
+        log.warning("file is still changing; it will be picked up once it settles", path=cand.relpath)
+
+    # roots
+
+    def register_root(self, root: Root) -> tuple[int | None, str | None]:
+        """The root's manifest id and, if it may not be trusted for deletions, why."""
+        obs = observe_root(
+            root.path,
+            marker=root.watch.marker,
+            keeps=lambda name, is_dir: not (root.rules.ignores_dir(name) if is_dir
+                                            else root.rules.accepts(name, 0) is not None),
+        )
+        if not obs.exists or not obs.is_dir or obs.device is None or obs.inode is None:
+            reason = unavailable_reason(obs, None)
+            return None, reason
+        stored = self.manifest.ensure_root(str(root.path), device=obs.device, inode=obs.inode)
+        record = RootRecord(stored.device, stored.inode, stored.had_files)
+        reason = unavailable_reason(obs, record)
+        key = f"root:{root.path}"
+        if reason is None:
+            self.manifest.clear_note(key)
+        else:
+            self.manifest.set_note(key, reason)
+        self.manifest.commit()
+        return stored.root_id, reason
+
+    # stage: scan (source)
+
+    async def scan_root(self, root: Root) -> None:
+        root_id, reason = self.register_root(root)
+        if reason is not None:
+            self.counters.held_roots.append(f"{root.path}: {reason}")
+            log.error("root unavailable: nothing in it counts as deleted", root=str(root.path), reason=reason)
+        if root_id is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def deliver(batch: list[Candidate]) -> None:
+            asyncio.run_coroutine_threadsafe(self._enqueue(batch), loop).result()
+
+        done = await asyncio.to_thread(
+            _scan_thread, root, root_id, self.config.state_dir, deliver, reason is None
+        )
+        for relpath, error in done.errors:
+            self._log_unreadable(root_id, relpath, error)
+        self.apply_missing(done.missing, root.watch.delete_grace_seconds)
+
+    async def _enqueue(self, batch: list[Candidate]) -> None:
+        self.counters.scanned += len(batch)
+        if self.remote_index is None and self.counters.scanned >= PREFETCH_LISTING_MIN:
+            self.remote_index = asyncio.ensure_future(self._prefetch_listing(self.counters.scanned))
+        for cand in batch:
+            await self.hash_q.put(cand)
+
+    def apply_missing(self, rows: list[Entry], grace: float) -> None:
+        now = self.clock()
+        for entry in rows:
+            action = on_missing(entry, now, grace)
+            if isinstance(action, Keep):
+                continue
+            if isinstance(action, MarkMissing):
+                self.manifest.mark_missing(entry.key, action.since)
+                continue
+            # Re-stat before acting: the scan's snapshot may predate a file that came back.
+            if stat_path(self._abs_from_key(entry.key)) is not None:
+                self.manifest.clear_missing(entry.key)
+                continue
+            if isinstance(action, MarkDeleted):
+                self.manifest.mark_deleted(entry.key)
+                self.counters.deleted += 1
+                log.info("deleted locally", path=entry.relpath, remote_id=entry.remote_id)
+            elif isinstance(action, Forget):
+                self.manifest.remove(entry.key)
+        self.maybe_commit()
+
+    def _abs_from_key(self, key: FileKey) -> str:
+        for stored in self.manifest.roots():
+            if stored.root_id == key.root_id:
+                return os.path.join(stored.path, key.relpath)
+        return ""
+
+    async def _prefetch_listing(self, new_files: int) -> RemoteIndex | None:
+        """One paginated listing instead of one hash lookup per file, if the listing carries md5."""
+        index: dict[tuple[str, str], FileResponse] = {}
+        max_pages = max(1, int(new_files * LISTING_PAGES_PER_FILE))
+        skip = 0
+        try:
+            for _ in range(max_pages):
+                page = await self.client.list_page(skip=skip, limit=1000)
+                for item in page:
+                    if item.md5 is None:
+                        return None  # the public API's shape: fall back to per-file lookups
+                    index.setdefault((item.md5, item.purpose), item)  # newest first: keep the first
+                if len(page) < 1000:
+                    return index
+                skip += len(page)
+        except ApiError as exc:
+            log.info("listing for the initial sync failed; using per-file lookups", error=exc.detail)
+        return None
+
+    # stage: hash
+
+    async def hash_worker(self) -> None:
+        while (cand := await self.hash_q.get()) is not None:
+            await self._hash_one(cand)
+            self.maybe_commit()
+
+    async def _hash_one(self, cand: Candidate) -> None:
+        key = FileKey(cand.root_id, cand.relpath)
+        entry = self.manifest.get(key)
+        seen = _statkey(cand.stat)
+        if entry is not None and not needs_hash(entry.stat, entry.state, seen):
+            if entry.missing_since is not None:
+                self.manifest.clear_missing(key)
+            if entry.state in (State.QUEUED, State.UPLOADING) and self._due(entry):
+                await self.upload_q.put(self._job(cand, entry.md5, entry.purpose, entry))
+            else:
+                self.counters.unchanged += 1
+            return
+        path = str(cand.root.path / cand.relpath)
+        result = await self.hasher.hash(path, cand.stat)
+        if isinstance(result, Changed):
+            self.on_changed(cand)
+            return
+        if isinstance(result, Vanished):
+            return
+        if isinstance(result, Unreadable):
+            self.counters.unreadable += 1
+            self._log_unreadable(cand.root_id, cand.relpath, result.reason)
+            return
+        assert isinstance(result, Digest)
+        self.counters.hashed += 1
+        purpose = cand.root.rules.purpose_for(cand.relpath)
+        stat = _statkey(result.stat)
+        action = after_hash(entry, seen=stat, xxh3=result.xxh3, md5=result.md5, purpose=purpose)
+        if isinstance(action, NeedRemote):
+            self.manifest.mark_queued(key, xxh3=result.xxh3, md5=result.md5, purpose=purpose, stat=stat)
+            await self.upload_q.put(self._job(Candidate(cand.root, cand.root_id, cand.relpath, result.stat),
+                                              result.md5, purpose, None))
+            return
+        if isinstance(action, Restat):
+            self.manifest.update_stat(key, action.stat)
+        elif entry is not None and entry.missing_since is not None:
+            self.manifest.clear_missing(key)
+        self.counters.unchanged += 1
+
+    def _due(self, entry: Entry) -> bool:
+        return entry.next_attempt_at is None or entry.next_attempt_at <= self.clock()
+
+    @staticmethod
+    def _job(cand: Candidate, md5: str, purpose: str, entry: Entry | None) -> UploadJob:
+        intent = entry.updated_at if entry is not None and entry.state is State.UPLOADING else None
+        return UploadJob(FileKey(cand.root_id, cand.relpath), cand.root.path / cand.relpath, md5, purpose,
+                         _statkey(cand.stat), intent)
+
+    def _log_unreadable(self, root_id: int, relpath: str, reason: str) -> None:
+        if (root_id, relpath) not in self.unreadable_logged:
+            self.unreadable_logged.add((root_id, relpath))
+            log.error("cannot read; skipping until it changes", path=relpath, reason=reason)
+
+    # stage: upload
+
+    async def upload_worker(self) -> None:
+        while (job := await self.upload_q.get()) is not None:
+            await self._upload_one(job)
+            self.maybe_commit()
+
+    async def _upload_one(self, job: UploadJob) -> None:
+        slot = (job.md5, job.purpose)
+        while (busy := self.inflight.get(slot)) is not None:
+            # Same content at another path is being resolved: wait, then reuse its remote file.
+            await busy.wait()
+        current = self.manifest.get(job.key)
+        if current is None or current.state not in (State.QUEUED, State.UPLOADING) or current.md5 != job.md5:
+            return  # another job for this path got there first, or the content moved on
+        done = self.inflight[slot] = asyncio.Event()
+        try:
+            index = await self.remote_index if self.remote_index is not None else None
+            outcome = await sync_job(job, manifest=self.manifest, client=self.client, clock=self.clock,
+                                     remote_index=index)
+        finally:
+            del self.inflight[slot]
+            done.set()
+        self._count(outcome, job)
+
+    def _count(self, outcome: Outcome, job: UploadJob) -> None:
+        c = self.counters
+        if outcome is Outcome.UPLOADED:
+            c.uploaded += 1
+            c.bytes_uploaded += job.stat.size
+        elif outcome is Outcome.REUSED:
+            c.reused += 1
+        elif outcome is Outcome.FAILED:
+            c.failed += 1
+        elif outcome is Outcome.RETRY:
+            c.retry += 1
+        elif outcome is Outcome.CHANGED:
+            c.changed += 1
+
+    # recovery
+
+    def recovery_candidates(self) -> Iterator[Candidate]:
+        """Rows left `queued` or `uploading` (a crash, a retry due): back through the quick check."""
+        by_id = {s.root_id: s for s in self.manifest.roots()}
+        roots = {str(r.path): r for r in self.roots}
+        for state in (State.UPLOADING, State.QUEUED):
+            for entry in list(self.manifest.in_state(state)):
+                stored = by_id.get(entry.root_id)
+                root = roots.get(stored.path) if stored is not None else None
+                if root is None or not self._due(entry):
+                    continue
+                st = stat_path(str(root.path / entry.relpath))
+                if isinstance(st, FileStat):
+                    yield Candidate(root, entry.root_id, entry.relpath, st)
+
+    async def run_stages(self, sources: Callable[[], Awaitable[None]]) -> None:
+        """Run hashers and uploaders until `sources` finished and everything drained."""
+        hashers = [asyncio.create_task(self.hash_worker()) for _ in range(self.hasher.workers)]
+        uploaders = [asyncio.create_task(self.upload_worker()) for _ in range(self.config.remote.concurrency)]
+        try:
+            await sources()
+            for _ in hashers:
+                await self.hash_q.put(None)
+            await asyncio.gather(*hashers)
+            for _ in uploaders:
+                await self.upload_q.put(None)
+            await asyncio.gather(*uploaders)
+        finally:
+            for task in (*hashers, *uploaders):
+                task.cancel()
+            await asyncio.gather(*hashers, *uploaders, return_exceptions=True)
+            if self.remote_index is not None:
+                self.remote_index.cancel()
+            self.manifest.commit()
+
+    def close(self) -> None:
+        self.hasher.close()
+        self.manifest.commit()
+
+
+# one-shot commands
+
+
+def _api_key(config: Config) -> str:
+    if config.api_key is None:
+        raise ConfigError(
+            f"{config.source}: no API key: set VLMRUN_API_KEY, remote.api_key_file, or a systemd credential "
+            "api-key (or use `syncd run --embedded`)"
+        )
+    return config.api_key.get_secret_value()
+
+
+def _client(config: Config, base_url: str, api_key: str) -> FilesClient:
+    r = config.remote
+    return FilesClient(base_url=base_url, api_key=api_key, timeout=r.timeout, retries=r.retries,
+                       concurrency=r.concurrency, presigned_threshold=r.presigned_threshold)
+
+
+def _configure_logging(config: Config, extra_secrets: tuple[str, ...] = ()) -> None:
+    secrets_ = tuple(s for s in (config.api_key.get_secret_value() if config.api_key else None,) if s)
+    logs.configure(fmt=config.log.format, level=config.log.level, secrets=secrets_ + extra_secrets)
+
+
+async def _sync_pass(pipe: _Pipeline) -> None:
+    async def sources() -> None:
+        # The scan meets every file, rows left queued or uploading included (their stat is unchanged,
+        # so they skip hashing and go straight to the uploader, which resolves them by md5 first).
+        for root in pipe.roots:
+            await pipe.scan_root(root)
+
+    await pipe.run_stages(sources)
+
+
+def _summary_code(pipe: _Pipeline) -> int:
+    counts = pipe.manifest.counts_by_state()
+    c = pipe.counters
+    log.info(
+        "sync pass done", scanned=c.scanned, hashed=c.hashed, uploaded=c.uploaded, reused=c.reused,
+        failed=c.failed, retry=c.retry, changing=c.changed, unreadable=c.unreadable, deleted=c.deleted,
+        bytes_uploaded=c.bytes_uploaded, **{f"rows_{k.value}": v for k, v in counts.items() if v},
+    )
+    problems = counts[State.FAILED] + counts[State.QUEUED] + counts[State.UPLOADING] + c.changed + c.unreadable
+    if problems:
+        for entry in pipe.manifest.last_errors(10):
+            if entry.state in (State.FAILED, State.QUEUED):
+                log.error("not synced", path=entry.relpath, state=entry.state.value, error=entry.last_error)
+    return 1 if problems or c.held_roots else 0
+
+
+def sync_once(config: Config, *, progress: bool) -> int:
+    """`syncd sync --once`: one pass; 0 when every file is synced, 1 with a summary otherwise."""
+    _configure_logging(config)
+    api_key = _api_key(config)
+    with StateLock(config.state_dir) as lock:
+        manifest = Manifest.open(lock)
+        try:
+            return asyncio.run(_run_once(config, manifest, config.remote.base_url, api_key, progress=progress))
+        finally:
+            manifest.close()
+
+
+async def _run_once(config: Config, manifest: Manifest, base_url: str, api_key: str, *, progress: bool) -> int:
+    async with _client(config, base_url, api_key) as client:
+        pipe = _Pipeline(config, manifest, client)
+        try:
+            if progress:
+                from syncd.progress import show_progress
+
+                async with show_progress(pipe.counters):
+                    await _sync_pass(pipe)
+            else:
+                await _sync_pass(pipe)
+            return _summary_code(pipe)
+        finally:
+            pipe.close()
+
+
+def reconcile_once(config: Config, *, dry_run: bool, confirm: bool) -> int:
+    raise ConfigError("reconcile is not implemented yet")
+
+
+# the daemon
+
+
+def run_daemon(config: Config, *, embedded: bool) -> int:
+    raise ConfigError("the daemon is not implemented yet")

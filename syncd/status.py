@@ -1,0 +1,66 @@
+"""`syncd status`: what the manifest says, read without the lock so a running daemon is not disturbed."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from syncd.config import Config
+from syncd.manifest import LOCK_NAME, ManifestMissing, ManifestReader
+
+
+def daemon_running(state_dir: Path) -> bool:
+    """True when some process holds the state dir's lock (probing with a shared lock changes nothing)."""
+    try:
+        fd = os.open(state_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def collect(config: Config) -> dict[str, Any]:
+    """Counts per state, bytes queued, last errors and held prunes/roots, as plain data."""
+    state_dir = config.state_dir
+    report: dict[str, Any] = {"state_dir": str(state_dir), "running": daemon_running(state_dir)}
+    try:
+        reader = ManifestReader.open_readonly(state_dir)
+    except ManifestMissing:
+        report.update(counts={}, bytes_queued=0, last_errors=[], notes={}, roots=[])
+        return report
+    with reader:
+        report["counts"] = {state.value: n for state, n in reader.counts_by_state().items()}
+        report["bytes_queued"] = reader.bytes_queued()
+        report["last_errors"] = [
+            {"path": e.relpath, "state": e.state.value, "error": e.last_error, "at": e.updated_at}
+            for e in reader.last_errors(10)
+        ]
+        report["notes"] = reader.notes()
+        report["roots"] = [{"path": r.path, "files": r.live_rows} for r in reader.roots()]
+    return report
+
+
+def render(report: dict[str, Any]) -> None:
+    """Human-readable status on stdout."""
+    typer.echo(f"state dir: {report['state_dir']} ({'daemon running' if report['running'] else 'no daemon'})")
+    counts = report["counts"]
+    if not counts:
+        typer.echo("no manifest yet: nothing has been synced with this state dir")
+        return
+    typer.echo("files: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n) or "files: none")
+    typer.echo(f"bytes queued: {report['bytes_queued']:,}")
+    for root in report["roots"]:
+        typer.echo(f"root {root['path']}: {root['files']} files")
+    for key, text in report["notes"].items():
+        typer.echo(f"held: {key}: {text}")
+    for err in report["last_errors"]:
+        typer.echo(f"error: {err['path']} ({err['state']}): {err['error']}")
