@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Purpose = Literal[
     "fine-tune",
@@ -42,6 +42,12 @@ class PresignedUrlRequest(_Wire):
     filename: str = Field(min_length=1, max_length=1024)
     purpose: Purpose = "assistants"
     expiration: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+
+    @field_validator("purpose", mode="before")
+    @classmethod
+    def _null_purpose(cls, value: object) -> object:
+        """The SDK's ``generate_presigned_url`` sends ``"purpose": null``; read it as the default."""
+        return "assistants" if value is None else value
 
 
 class PresignedUrlResponse(_Wire):

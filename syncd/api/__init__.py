@@ -1,0 +1,45 @@
+"""Files API client: typed models, an error taxonomy by status, retries; httpx stays inside this package."""
+
+from syncd.api.client import FilesClient
+from syncd.api.errors import (
+    ApiError,
+    AuthError,
+    NetworkError,
+    NotFoundError,
+    RateLimitedError,
+    ServerError,
+    SourceChangedError,
+    TooLargeError,
+    UnsupportedTypeError,
+    ValidationError,
+)
+from syncd.api.models import (
+    PURPOSES,
+    ErrorDetail,
+    FileResponse,
+    PresignedUrlRequest,
+    PresignedUrlResponse,
+    Purpose,
+)
+from syncd.api.retry import RetryPolicy
+
+__all__ = [
+    "PURPOSES",
+    "ApiError",
+    "AuthError",
+    "ErrorDetail",
+    "FileResponse",
+    "FilesClient",
+    "NetworkError",
+    "NotFoundError",
+    "PresignedUrlRequest",
+    "PresignedUrlResponse",
+    "Purpose",
+    "RateLimitedError",
+    "RetryPolicy",
+    "ServerError",
+    "SourceChangedError",
+    "TooLargeError",
+    "UnsupportedTypeError",
+    "ValidationError",
+]

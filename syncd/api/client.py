@@ -1,0 +1,424 @@
+"""Async client of the Files API (design §5).
+
+Layers, each peeling off one concern: bearer auth (an ``httpx.Auth``, so the presigned PUT can go without
+it) → retries (:mod:`syncd.api.retry`) → mapping of statuses and httpx exceptions to
+:mod:`syncd.api.errors` → the httpx transport (injectable). No httpx type crosses the package boundary
+except the optional ``transport`` argument, which is how tests and benchmarks plug in.
+
+Uploads stream from disk in :data:`CHUNK_SIZE` pieces read in a worker thread (a blocking read of a file on
+a network share must not stall the event loop that also owns the manifest writer), re-open the file for
+every attempt (the official SDK re-sends a consumed handle on retry and stores a 0-byte file), and send an
+exact ``Content-Length``: presigned targets such as S3 refuse chunked bodies, and a fixed length lets the
+client notice a file that changes under it (:class:`SourceChangedError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import mimetypes
+import os
+import random
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Self, TypeVar
+
+import httpx
+import pydantic
+
+from syncd.api.errors import ApiError, NetworkError, NotFoundError, SourceChangedError, error_for_status
+from syncd.api.models import FileResponse, PresignedUrlResponse
+from syncd.api.retry import RetryPolicy, call_with_retries, parse_retry_after
+
+T = TypeVar("T")
+
+CHUNK_SIZE = 1 << 20
+"""Bytes per read: big enough that the thread hop per chunk is noise, small enough to keep memory flat."""
+
+FLOOR_THROUGHPUT = 1 << 20
+"""Bytes/s an upload is allowed to be slow before its attempt times out (a guess: a poor uplink).
+
+httpx timeouts apply per socket operation, so a transfer that trickles never trips them; each upload
+attempt therefore also gets a total deadline of ``timeout + size / FLOOR_THROUGHPUT``, and the read timeout
+(waiting for the answer after the last byte, while the server hashes and stores the body) gets the same."""
+
+MAX_PAGE = 1000
+"""Largest ``limit`` the API accepts (design §5)."""
+
+_FILE_LIST = pydantic.TypeAdapter(list[FileResponse])
+
+
+def _default_user_agent() -> str:
+    try:
+        return f"syncd/{importlib.metadata.version('syncd')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "syncd/unknown"
+
+
+class _BearerAuth(httpx.Auth):
+    """Adds the API key per request, so a request sent with ``auth=None`` carries no key at all."""
+
+    def __init__(self, api_key: str) -> None:
+        self._value = f"Bearer {api_key}"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self._value
+        yield request
+
+
+@dataclass(frozen=True)
+class _Body:
+    """One attempt's request body: a stream of known length, and its content type."""
+
+    stream: AsyncIterator[bytes]
+    length: int
+    content_type: str
+
+
+def _form_quote(value: str) -> str:
+    """Escape a multipart parameter value as browsers do (WHATWG): quote, CR and LF percent-encoded."""
+    return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+async def _read_file(f: BinaryIO, path: Path, size: int, mtime_ns: int) -> AsyncIterator[bytes]:
+    """Yield exactly ``size`` bytes of ``f``; abort before the last chunk if the file changed meanwhile.
+
+    Holding the last chunk back until an ``fstat`` agrees with the one taken at open means a file that
+    shrank, grew or was rewritten is never stored complete-looking on the server: the request dies short.
+    """
+    remaining = size
+    pending = b""
+    while remaining > 0:
+        chunk = await asyncio.to_thread(f.read, min(CHUNK_SIZE, remaining))
+        if not chunk:
+            raise SourceChangedError(
+                str(path), f"file shrank while sending ({size - remaining} of {size} bytes)"
+            )
+        remaining -= len(chunk)
+        if pending:
+            yield pending
+        pending = chunk
+    st = await asyncio.to_thread(os.fstat, f.fileno())
+    if st.st_size != size or st.st_mtime_ns != mtime_ns:
+        raise SourceChangedError(str(path), "file changed while sending")
+    if pending:
+        yield pending
+
+
+@asynccontextmanager
+async def _open_file(path: Path) -> AsyncIterator[tuple[BinaryIO, int, int]]:
+    """Open ``path`` afresh (one handle per attempt) and report its size and mtime at open."""
+    f = await asyncio.to_thread(open, path, "rb")
+    try:
+        st = await asyncio.to_thread(os.fstat, f.fileno())
+        yield f, st.st_size, st.st_mtime_ns
+    finally:
+        await asyncio.to_thread(f.close)
+
+
+class FilesClient:
+    """Client of one Files API endpoint; use as ``async with FilesClient(...) as client``.
+
+    ``concurrency`` bounds the requests in flight (and the connection pool); a caller awaiting more waits
+    for a slot *before* its deadline starts, so queueing behind big uploads is never mistaken for a timeout.
+    ``retries`` counts retries after the first attempt. ``sleep`` and ``uniform`` (a draw from [0, 1) for
+    the jitter) are injected so tests observe waits without spending wall time.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        timeout: float = 30.0,
+        retries: int = 5,
+        concurrency: int = 8,
+        presigned_threshold: int = 32 * 2**20,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        uniform: Callable[[], float] = random.random,
+        user_agent: str | None = None,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        max_retry_after: float = 120.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if retries < 0:
+            raise ValueError("retries must not be negative")
+        self._base_url = httpx.URL(base_url.rstrip("/") + "/")
+        self._timeout = timeout
+        self._presigned_threshold = presigned_threshold
+        self._policy = RetryPolicy(
+            attempts=retries + 1, base=backoff_base, cap=backoff_cap, max_retry_after=max_retry_after
+        )
+        self._sleep = sleep
+        self._uniform = uniform
+        self._slots = asyncio.Semaphore(concurrency)
+        self._http = httpx.AsyncClient(
+            base_url=self._base_url,
+            auth=_BearerAuth(api_key),
+            headers={"User-Agent": user_agent or _default_user_agent(), "Accept": "application/json"},
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close pooled connections; the client cannot be used afterwards."""
+        await self._http.aclose()
+
+    # -- public calls ------------------------------------------------------------------------------
+
+    async def health(self) -> None:
+        """Succeeds only if the server is up *and* accepts the key (401 → :class:`AuthError`)."""
+        await self._call("health", "GET", "health")
+
+    async def get(self, file_id: str) -> FileResponse:
+        return _parse(FileResponse, await self._call("get", "GET", f"files/{_segment(file_id)}"))
+
+    async def delete(self, file_id: str) -> FileResponse:
+        """Delete and return the deleted file. A retried delete whose first try landed answers 404."""
+        return _parse(FileResponse, await self._call("delete", "DELETE", f"files/{_segment(file_id)}"))
+
+    async def find_by_md5(self, md5: str, *, purpose: str | None = None) -> FileResponse | None:
+        """The newest remote file with this md5 (and purpose, a server extension), or None."""
+        params = {"purpose": purpose} if purpose is not None else None
+        try:
+            response = await self._call("find_by_md5", "GET", f"files/hash/{_segment(md5)}", params=params)
+        except NotFoundError:
+            return None
+        return _parse(FileResponse, response)
+
+    async def list_page(
+        self, *, skip: int = 0, limit: int = MAX_PAGE, purpose: str | None = None
+    ) -> list[FileResponse]:
+        if skip < 0 or not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"need skip >= 0 and 1 <= limit <= {MAX_PAGE}")
+        params: dict[str, str | int] = {"skip": skip, "limit": limit}
+        if purpose is not None:
+            params["purpose"] = purpose
+        response = await self._call("list", "GET", "files", params=params)
+        try:
+            return _FILE_LIST.validate_json(response.content)
+        except pydantic.ValidationError as exc:
+            raise ApiError(f"unexpected list response: {exc}", status=response.status_code) from exc
+
+    async def iter_all(
+        self, *, page_size: int = MAX_PAGE, purpose: str | None = None
+    ) -> AsyncIterator[FileResponse]:
+        """Every remote file, newest first, paging until a short page; a failed page raises.
+
+        An id already yielded (the listing shifted because a file was added meanwhile) is skipped. A page
+        that brings nothing new while full means the server ignores ``skip``: that raises rather than loop.
+        """
+        seen: set[str] = set()
+        skip = 0
+        while True:
+            page = await self.list_page(skip=skip, limit=page_size, purpose=purpose)
+            fresh = [item for item in page if item.id not in seen]
+            if page and not fresh and len(page) >= page_size:
+                raise ApiError(f"listing does not advance at skip={skip}; server ignores skip?")
+            for item in fresh:
+                seen.add(item.id)
+                yield item
+            if len(page) < page_size:
+                return
+            skip += len(page)
+
+    async def list_all(self, *, page_size: int = MAX_PAGE, purpose: str | None = None) -> list[FileResponse]:
+        """The complete listing or an exception, never a partial one: the reconciler plans deletions on it."""
+        return [item async for item in self.iter_all(page_size=page_size, purpose=purpose)]
+
+    async def upload(
+        self,
+        path: Path,
+        *,
+        purpose: str,
+        filename: str | None = None,
+        generate_public_url: bool = False,
+    ) -> FileResponse:
+        """Upload ``path`` as a new remote file: direct multipart up to ``presigned_threshold`` bytes, above
+        it presigned (POST presigned-url → PUT → verify), as the official SDK decides.
+
+        ``generate_public_url`` is sent explicitly as false by default: the public API defaults it to true,
+        and a sync daemon should not publish a user's documents unasked. Local ``OSError`` (file vanished)
+        propagates unchanged; :class:`SourceChangedError` if the file changed while being sent.
+        """
+        name = filename or path.name
+        size = (await asyncio.to_thread(path.stat)).st_size
+        if size > self._presigned_threshold:
+            return await self._upload_presigned(path, name=name, purpose=purpose)
+        return await self._upload_direct(path, name=name, purpose=purpose, public=generate_public_url)
+
+    # -- upload paths ------------------------------------------------------------------------------
+
+    async def _upload_direct(self, path: Path, *, name: str, purpose: str, public: bool) -> FileResponse:
+        part_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+        @asynccontextmanager
+        async def multipart() -> AsyncIterator[_Body]:
+            boundary = os.urandom(16).hex()
+            head = (
+                f"--{boundary}\r\n"
+                f'Content-Disposition: form-data; name="file"; filename="{_form_quote(name)}"\r\n'
+                f"Content-Type: {part_type}\r\n\r\n"
+            ).encode()
+            tail = f"\r\n--{boundary}--\r\n".encode()
+            async with _open_file(path) as (f, size, mtime_ns):
+
+                async def stream() -> AsyncIterator[bytes]:
+                    yield head
+                    async for chunk in _read_file(f, path, size, mtime_ns):
+                        yield chunk
+                    yield tail
+
+                yield _Body(
+                    stream(), len(head) + size + len(tail), f"multipart/form-data; boundary={boundary}"
+                )
+
+        params = {"purpose": purpose, "generate_public_url": "true" if public else "false"}
+        response = await self._call("upload", "POST", "files", params=params, body=multipart)
+        return _parse(FileResponse, response)
+
+    async def _upload_presigned(self, path: Path, *, name: str, purpose: str) -> FileResponse:
+        # Sent as given (no ``expiration``: the server's default applies), so that a bad purpose is judged
+        # by the server (422 → ValidationError) exactly as on the direct path.
+        body = {"filename": name, "purpose": purpose}
+        grant = _parse(
+            PresignedUrlResponse, await self._call("presign", "POST", "files/presigned-url", json=body)
+        )
+
+        @asynccontextmanager
+        async def raw() -> AsyncIterator[_Body]:
+            async with _open_file(path) as (f, size, mtime_ns):
+                yield _Body(_read_file(f, path, size, mtime_ns), size, grant.content_type)
+
+        # The URL authorises itself; like the SDK, send no API key to what may be another host.
+        target = self._base_url.join(grant.url)
+        await self._call("presigned_put", "PUT", target, body=raw, authorize=False)
+        return _parse(
+            FileResponse, await self._call("verify", "GET", f"files/verify-upload/{_segment(grant.id)}")
+        )
+
+    # -- one request, retried ------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        op: str,
+        method: str,
+        url: str | httpx.URL,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        json: dict[str, Any] | None = None,
+        body: Callable[[], AbstractAsyncContextManager[_Body]] | None = None,
+        authorize: bool = True,
+    ) -> httpx.Response:
+        """Send one logical request with retries; return the 2xx response or raise an :class:`ApiError`.
+
+        ``body`` builds a fresh :class:`_Body` context per attempt, so a retry re-opens the file.
+        """
+
+        async def attempt() -> httpx.Response:
+            async with self._slots:
+                if body is None:
+                    return await self._send(method, url, params=params, json=json, authorize=authorize)
+                async with body() as b:
+                    return await self._send(method, url, params=params, body=b, authorize=authorize)
+
+        return await call_with_retries(
+            attempt, policy=self._policy, sleep=self._sleep, uniform=self._uniform, op=op
+        )
+
+    async def _send(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        *,
+        params: Mapping[str, str | int] | None,
+        authorize: bool,
+        json: dict[str, Any] | None = None,
+        body: _Body | None = None,
+    ) -> httpx.Response:
+        size = body.length if body is not None else 0
+        deadline = self._timeout + size / FLOOR_THROUGHPUT
+        headers = (
+            {"Content-Type": body.content_type, "Content-Length": str(body.length)}
+            if body is not None
+            else None
+        )
+        extra: dict[str, Any] = {} if authorize else {"auth": None}
+        try:
+            async with asyncio.timeout(deadline):
+                response = await self._http.request(
+                    method,
+                    url,
+                    params=params,
+                    json=json,
+                    content=body.stream if body is not None else None,
+                    headers=headers,
+                    timeout=httpx.Timeout(self._timeout, read=deadline),
+                    **extra,
+                )
+        except TimeoutError as exc:
+            raise NetworkError(f"{method} timed out after {deadline:.0f} s") from exc
+        except httpx.TimeoutException as exc:
+            raise NetworkError(f"{method} timed out: {type(exc).__name__}") from exc
+        except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
+            raise NetworkError(f"{method} failed: {_describe(exc)}") from exc
+        except httpx.HTTPError as exc:
+            raise ApiError(f"{method} failed: {_describe(exc)}") from exc
+        if response.is_success:
+            return response
+        raise error_for_status(
+            response.status_code,
+            _detail(response),
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} (connection closed)"
+
+
+def _segment(value: str) -> str:
+    """Quote an id into one path segment: ids come from the server or the manifest, and must never be able
+    to change the route (``..``, ``/``, ``?``)."""
+    if not value or value in (".", ".."):
+        raise ValueError(f"invalid path segment {value!r}")
+    return urllib.parse.quote(value, safe="")
+
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+def _parse(model: type[M], response: httpx.Response) -> M:
+    try:
+        return model.model_validate_json(response.content)
+    except pydantic.ValidationError as exc:
+        raise ApiError(f"unexpected {model.__name__} response: {exc}", status=response.status_code) from exc
+
+
+def _detail(response: httpx.Response) -> str:
+    """The server's ``{"detail": ...}`` if it sent one, else the start of the body."""
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and "detail" in payload:
+        detail = payload["detail"]
+        return detail if isinstance(detail, str) else str(detail)[:500]
+    return response.text[:500] or response.reason_phrase
