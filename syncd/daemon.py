@@ -1,6 +1,6 @@
 """Wiring of the stages, lifecycle and signals (design §1, §7, §8).
 
-Every queue between stages is created in `_Pipeline.__init__` with a bound, so back-pressure is visible
+Every queue between stages is created in `Pipeline.__init__` with a bound, so back-pressure is visible
 and memory is bounded. Stages receive queues and callables, never another stage's object. Shutdown is
 the mirror image of start-up: sources stop, each stage drains into the next, the manifest commits last.
 """
@@ -166,7 +166,7 @@ def _scan_thread(
     return _ScanDone(root, root_id, missing, errors)
 
 
-class _Pipeline:
+class Pipeline:
     """The stages of one process run, wired together; `sync_once` and the daemon drive it."""
 
     def __init__(
@@ -189,6 +189,8 @@ class _Pipeline:
         self.inflight: dict[tuple[str, str], asyncio.Event] = {}
         self.remote_index: asyncio.Future[RemoteIndex | None] | None = None
         self.unreadable_logged: set[tuple[int, str]] = set()
+        # root_id → why the root may not be trusted for deletions (the reconciler's guard), per pass.
+        self.unavailable: dict[int, str] = {}
         self.on_changed: Callable[[Candidate], None] = self._count_changed
         self._last_commit = time.monotonic()
 
@@ -215,16 +217,22 @@ class _Pipeline:
                                             else root.rules.accepts(name, 0) is not None),
         )
         if not obs.exists or not obs.is_dir or obs.device is None or obs.inode is None:
-            reason = unavailable_reason(obs, None)
-            return None, reason
+            gone = unavailable_reason(obs, None) or "root cannot be read"
+            for known in self.manifest.roots():
+                if known.path == str(root.path):
+                    self.unavailable[known.root_id] = gone
+                    self.manifest.set_note(f"root:{root.path}", gone)
+            return None, gone
         stored = self.manifest.ensure_root(str(root.path), device=obs.device, inode=obs.inode)
         record = RootRecord(stored.device, stored.inode, stored.had_files)
         reason = unavailable_reason(obs, record)
         key = f"root:{root.path}"
         if reason is None:
             self.manifest.clear_note(key)
+            self.unavailable.pop(stored.root_id, None)
         else:
             self.manifest.set_note(key, reason)
+            self.unavailable[stored.root_id] = reason
         self.manifest.commit()
         return stored.root_id, reason
 
@@ -465,7 +473,7 @@ def _configure_logging(config: Config, extra_secrets: tuple[str, ...] = ()) -> N
     logs.configure(fmt=config.log.format, level=config.log.level, secrets=secrets_ + extra_secrets)
 
 
-async def _sync_pass(pipe: _Pipeline) -> None:
+async def sync_pass(pipe: Pipeline) -> None:
     async def sources() -> None:
         # The scan meets every file, rows left queued or uploading included (their stat is unchanged,
         # so they skip hashing and go straight to the uploader, which resolves them by md5 first).
@@ -475,7 +483,7 @@ async def _sync_pass(pipe: _Pipeline) -> None:
     await pipe.run_stages(sources)
 
 
-def _summary_code(pipe: _Pipeline) -> int:
+def _summary_code(pipe: Pipeline) -> int:
     counts = pipe.manifest.counts_by_state()
     c = pipe.counters
     log.info(
@@ -505,15 +513,15 @@ def sync_once(config: Config, *, progress: bool) -> int:
 
 async def _run_once(config: Config, manifest: Manifest, base_url: str, api_key: str, *, progress: bool) -> int:
     async with _client(config, base_url, api_key) as client:
-        pipe = _Pipeline(config, manifest, client)
+        pipe = Pipeline(config, manifest, client)
         try:
             if progress:
                 from syncd.progress import show_progress
 
                 async with show_progress(pipe.counters):
-                    await _sync_pass(pipe)
+                    await sync_pass(pipe)
             else:
-                await _sync_pass(pipe)
+                await sync_pass(pipe)
             return _summary_code(pipe)
         finally:
             pipe.close()
