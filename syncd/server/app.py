@@ -1,0 +1,464 @@
+"""The reference Files API (design §5) as a FastAPI app over a :class:`~syncd.server.store.Store`.
+
+Choices where the contract leaves room:
+
+- Validation errors (bad ``limit``, unknown ``purpose``, missing ``file`` field, bad JSON) are 422 with a
+  string ``detail``; a body that is not parseable multipart is 400.
+- ``--public-only``: no ``md5`` in responses, ``purpose`` filters on list and hash lookup are *ignored*
+  (as the public API ignores unknown query parameters), and the content route does not exist.
+- ``public_url`` is an absolute, HMAC-signed ``/v1/public/{id}`` URL that needs no API key.
+- A presigned URL is ``/v1/uploads/{id}?expires=..&token=..``: the token signs id and expiry, so the
+  PUT needs no ``Authorization``. The PUT answers 200 with the FileResponse; a presigned file's
+  ``created_at`` and place in the listing are those of its PUT. ``verify-upload`` of a pending entry is
+  404 with ``upload not completed``. ``--max-bytes`` and ``--reject-types`` apply to the PUT too.
+- Handlers are ``async`` and do their small SQLite and file writes inline on the event loop: for many
+  small uploads a thread hop per request costs more than the I/O itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import mimetypes
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse as BlobResponse
+from fastapi.responses import JSONResponse, Response
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from syncd.api.models import PURPOSES, FileResponse, PresignedUrlRequest, PresignedUrlResponse
+from syncd.server.faults import FaultInjector, Latency
+from syncd.server.settings import ServerSettings, is_rejected_type
+from syncd.server.stats import ServerStats
+from syncd.server.store import BlobWriter, FileRecord, Store
+from syncd.server.wire import drain, drain_limit, safe_filename, send_json_error
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+DEFAULT_EXPIRATION = 24 * 3600
+_OCTET = "application/octet-stream"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class Signer:
+    """HMAC tokens for self-authorising URLs, keyed by a key derived from the API key (so URLs stay
+    valid across a restart with the same key, and the API key itself never appears in a URL)."""
+
+    def __init__(self, api_key: str) -> None:
+        self._key = hashlib.sha256(b"syncd-server-url-signing\0" + api_key.encode()).digest()
+
+    def sign(self, *parts: str) -> str:
+        return hmac.new(self._key, "\0".join(parts).encode(), hashlib.sha256).hexdigest()
+
+    def verify(self, token: str, *parts: str) -> bool:
+        return hmac.compare_digest(token.encode(), self.sign(*parts).encode())
+
+
+class BearerAuth:
+    """401 unless ``Authorization: Bearer <key>``; ``exempt`` routes carry their own signed token."""
+
+    def __init__(self, app: ASGIApp, api_key: str, stats: ServerStats, limit: int) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.stats = stats
+        self.limit = limit
+
+    @staticmethod
+    def exempt(method: str, path: str) -> bool:
+        return (method == "PUT" and path.startswith("/v1/uploads/")) or (
+            method == "GET" and path.startswith("/v1/public/")
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.exempt(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        self.stats.count("unauthorized")
+        complete = await drain(receive, self.limit)
+        detail = "missing API key" if not given else "invalid API key"
+        await send_json_error(send, 401, detail, headers={"WWW-Authenticate": "Bearer"}, close=not complete)
+
+
+class _MultipartFile:
+    """Streams the first part named ``file`` of a multipart body into a blob; other parts are skipped."""
+
+    def __init__(
+        self, boundary: bytes, open_blob: Callable[[], BlobWriter], reject_types: tuple[str, ...]
+    ) -> None:
+        self.open_blob = open_blob
+        self.reject_types = reject_types
+        self.writer: BlobWriter | None = None
+        self.filename = ""
+        self.content_type = _OCTET
+        self.error: tuple[int, str] | None = None
+        self.ended = False
+        self._headers: dict[bytes, bytes] = {}
+        self._field = b""
+        self._value = b""
+        self._target = False
+        callbacks: MultipartCallbacks = {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+        self.parser = MultipartParser(boundary, callbacks)
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError as exc:
+            self.fail(400, f"malformed multipart body: {exc}")
+
+    def fail(self, status: int, detail: str) -> None:
+        self.error = (status, detail)
+        self.abandon()
+
+    def abandon(self) -> None:
+        if self.writer is not None:
+            self.writer.discard()
+            self.writer = None
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+        self._target = False
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field = self._value = b""
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self._headers.get(b"content-disposition"))
+        if params.get(b"name") != b"file" or self.writer is not None or self.error is not None:
+            return
+        raw_name = params.get(b"filename")
+        self.filename = safe_filename(raw_name.decode("utf-8", "replace") if raw_name else None)
+        declared = self._headers.get(b"content-type", b"").decode("latin-1").strip() or None
+        if is_rejected_type(self.reject_types, self.filename, declared):
+            self.fail(415, f"file type not accepted: {self.filename}")
+            return
+        self.content_type = declared or mimetypes.guess_type(self.filename)[0] or _OCTET
+        self.writer = self.open_blob()
+        self._target = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._target and self.writer is not None:
+            self.writer.write(data[start:end])
+            if self.writer.too_large:
+                self.writer = None
+                self.error = (413, "file exceeds the server's size limit")
+
+    def _part_end(self) -> None:
+        self._target = False
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+def _parse_bool(raw: str | None, default: bool) -> bool | None:
+    if raw is None:
+        return default
+    low = raw.lower()
+    return True if low in _TRUE else False if low in _FALSE else None
+
+
+def _validation_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
+    return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+
+def _internal_handler(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> ASGIApp:
+    """The ASGI app: latency → fault injection → bearer auth → routes under ``/v1``."""
+    signer = Signer(settings.api_key)
+    limit = drain_limit(settings.max_bytes)
+    receiving: set[str] = set()
+    router = APIRouter(prefix="/v1")
+
+    def error(status: int, detail: str, *, close: bool = False) -> JSONResponse:
+        headers = {"Connection": "close"} if close else None
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    def base_url(request: Request) -> str:
+        return str(request.base_url).rstrip("/") + "/v1"
+
+    def to_wire(record: FileRecord, base: str) -> bytes:
+        public_url = None
+        if record.public:
+            public_url = f"{base}/public/{record.id}?token={signer.sign('public', record.id)}"
+        model = FileResponse(
+            id=record.id,
+            filename=record.filename,
+            bytes=record.bytes,
+            purpose=record.purpose,  # type: ignore[arg-type]  # only valid purposes are stored
+            created_at=record.created_at,
+            public_url=public_url,
+            md5=None if settings.public_only else record.md5,
+        )
+        return model.model_dump_json(exclude={"md5"} if settings.public_only else None).encode()
+
+    def file_json(record: FileRecord, request: Request, status: int = 200) -> Response:
+        return Response(to_wire(record, base_url(request)), status_code=status, media_type="application/json")
+
+    def blob(record: FileRecord) -> Response:
+        path = store.blob_path(record.id)
+        return BlobResponse(path, media_type=record.content_type, filename=record.filename)
+
+    def checked_purpose(purpose: str | None) -> str | None:
+        """The purpose filter to apply (None = all); raises 422 for an unknown one."""
+        if purpose is None or settings.public_only:
+            return None
+        if purpose not in PURPOSES:
+            raise RequestValidationError([{"loc": ("query", "purpose"), "msg": _purpose_msg(purpose)}])
+        return purpose
+
+    async def drained_error(request: Request, status: int, detail: str) -> Response:
+        complete = await drain(request.receive, limit)
+        return error(status, detail, close=not complete)
+
+    async def stream_to(writer: BlobWriter, request: Request) -> bool:
+        """Copy the body into ``writer``; False when a body already too large outgrew the drain limit.
+
+        Without ``max_bytes`` nothing is too large: a presigned PUT may be any size.
+        """
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if writer.too_large and seen > limit:
+                return False
+            writer.write(chunk)
+        return True
+
+    @router.get("/health")
+    async def health() -> Response:
+        stats.count("health")
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @router.post("/files", status_code=201)
+    async def upload(request: Request) -> Response:
+        stats.count("uploads")
+        query = request.query_params
+        purpose = query.get("purpose", "assistants")
+        if purpose not in PURPOSES:
+            return await drained_error(request, 422, f"purpose: {_purpose_msg(purpose)}")
+        public = _parse_bool(query.get("generate_public_url"), default=True)
+        if public is None:
+            return await drained_error(request, 422, "generate_public_url: expected true or false")
+        length = request.headers.get("content-length")
+        if settings.max_bytes is not None and length is not None and length.isdigit() and int(length) > limit:
+            return error(413, "file exceeds the server's size limit", close=True)
+        kind, params = parse_options_header(request.headers.get("content-type"))
+        boundary = params.get(b"boundary")
+        if kind != b"multipart/form-data" or not boundary:
+            return await drained_error(request, 400, "expected a multipart/form-data body with a boundary")
+        file_id = store.new_id()
+        body = _MultipartFile(
+            boundary, lambda: store.open_blob(file_id, settings.max_bytes), settings.reject_types
+        )
+        seen = 0
+        try:
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if body.error is None:
+                    body.feed(chunk)
+                elif seen > limit:
+                    return error(*body.error, close=True)
+        except ClientDisconnect:
+            body.abandon()
+            return error(400, "client disconnected")
+        except BaseException:
+            body.abandon()
+            raise
+        if body.error is None and not body.ended:
+            body.fail(400, "truncated multipart body")
+        if body.error is None and body.writer is None:
+            body.fail(422, "file: missing multipart field 'file'")
+        if body.error is not None:
+            return error(*body.error)
+        assert body.writer is not None
+        record = store.add_file(
+            file_id,
+            body.writer,
+            filename=body.filename,
+            purpose=purpose,
+            public=public,
+            content_type=body.content_type,
+        )
+        return file_json(record, request, status=201)
+
+    @router.get("/files")
+    async def list_files(
+        request: Request,
+        skip: int = Query(0, ge=0),
+        limit: int = Query(10, ge=1, le=1000),
+        purpose: str | None = None,
+    ) -> Response:
+        stats.count("lists")
+        records = store.list_files(skip, limit, checked_purpose(purpose))
+        base = base_url(request)
+        return Response(
+            b"[" + b",".join(to_wire(r, base) for r in records) + b"]", media_type="application/json"
+        )
+
+    @router.get("/files/hash/{md5}")
+    async def hash_lookup(md5: str, request: Request, purpose: str | None = None) -> Response:
+        stats.count("hash_lookups")
+        record = store.find_by_md5(md5.lower(), checked_purpose(purpose))
+        if record is None:
+            return error(404, "no file with this hash")
+        return file_json(record, request)
+
+    @router.post("/files/presigned-url")
+    async def presign(payload: PresignedUrlRequest, request: Request) -> Response:
+        stats.count("presigns")
+        filename = safe_filename(payload.filename)
+        if is_rejected_type(settings.reject_types, filename, None):
+            return error(415, f"file type not accepted: {filename}")
+        expiration = payload.expiration or DEFAULT_EXPIRATION
+        expires = int(store.clock().timestamp()) + expiration
+        record = store.add_pending(
+            filename=filename,
+            purpose=payload.purpose,
+            public=True,
+            content_type=mimetypes.guess_type(filename)[0] or _OCTET,
+            expires_at=float(expires),
+        )
+        base = base_url(request)
+        token = signer.sign("upload", record.id, str(expires))
+        answer = PresignedUrlResponse(
+            id=record.id,
+            url=f"{base}/uploads/{record.id}?expires={expires}&token={token}",
+            filename=filename,
+            content_type=record.content_type,
+            upload_method="PUT",
+            public_url=f"{base}/public/{record.id}?token={signer.sign('public', record.id)}",
+            created_at=record.created_at,
+            expiration=expiration,
+        )
+        return Response(answer.model_dump_json(), media_type="application/json")
+
+    @router.put("/uploads/{file_id}")
+    async def presigned_put(file_id: str, request: Request) -> Response:
+        stats.count("presigned_puts")
+        expires = request.query_params.get("expires", "")
+        token = request.query_params.get("token", "")
+        if not signer.verify(token, "upload", file_id, expires):
+            return await drained_error(request, 403, "invalid upload token")
+        if int(expires) <= store.clock().timestamp():
+            return await drained_error(request, 403, "upload URL expired")
+        if file_id in receiving:
+            return await drained_error(request, 409, "an upload to this URL is in progress")
+        pending = store.get_pending(file_id)
+        if pending is None:
+            if store.get(file_id) is not None:
+                return await drained_error(request, 409, "already uploaded")
+            return await drained_error(request, 404, "unknown or expired upload")
+        declared = request.headers.get("content-type")
+        if is_rejected_type(settings.reject_types, pending.filename, declared):
+            return await drained_error(request, 415, f"file type not accepted: {pending.filename}")
+        receiving.add(file_id)
+        writer = store.open_blob(file_id, settings.max_bytes)
+        try:
+            complete = await stream_to(writer, request)
+        except ClientDisconnect:
+            writer.discard()
+            return error(400, "client disconnected")
+        except BaseException:
+            writer.discard()
+            raise
+        finally:
+            receiving.discard(file_id)
+        if writer.too_large or not complete:
+            return error(413, "file exceeds the server's size limit", close=not complete)
+        return file_json(store.complete_pending(pending, writer), request)
+
+    @router.get("/files/verify-upload/{file_id}")
+    async def verify_upload(file_id: str, request: Request) -> Response:
+        stats.count("verifies")
+        record = store.get(file_id)
+        if record is not None:
+            return file_json(record, request)
+        pending = store.get_pending(file_id) is not None
+        return error(404, "upload not completed" if pending else "file not found")
+
+    @router.get("/public/{file_id}")
+    async def public_content(file_id: str, token: str = "") -> Response:
+        stats.count("contents")
+        record = store.get(file_id)
+        if record is None or not record.public or not signer.verify(token, "public", file_id):
+            return error(404, "file not found")
+        return blob(record)
+
+    if not settings.public_only:
+
+        @router.get("/files/{file_id}/content")
+        async def content(file_id: str) -> Response:
+            stats.count("contents")
+            record = store.get(file_id)
+            if record is None:
+                return error(404, "file not found")
+            return blob(record)
+
+    @router.get("/files/{file_id}")
+    async def get_file(file_id: str, request: Request) -> Response:
+        stats.count("gets")
+        record = store.get(file_id)
+        return error(404, "file not found") if record is None else file_json(record, request)
+
+    @router.delete("/files/{file_id}")
+    async def delete_file(file_id: str, request: Request) -> Response:
+        stats.count("deletes")
+        record = store.delete(file_id)
+        return error(404, "file not found") if record is None else file_json(record, request)
+
+    api = FastAPI(title="syncd reference Files API", openapi_url=None, docs_url=None, redoc_url=None)
+    api.include_router(router)
+    api.add_exception_handler(RequestValidationError, _validation_handler)
+    api.add_exception_handler(Exception, _internal_handler)
+
+    app: ASGIApp = BearerAuth(api, settings.api_key, stats, limit)
+    if settings.fault_rate > 0:
+        app = FaultInjector(
+            app,
+            rate=settings.fault_rate,
+            kinds=settings.fault_kinds,
+            seed=settings.fault_seed,
+            stats=stats,
+            drain_limit=limit,
+        )
+    if settings.latency_ms > 0:
+        app = Latency(app, settings.latency_ms)
+    return app
+
+
+def _purpose_msg(purpose: str) -> str:
+    return f"unknown purpose {purpose!r}; expected one of {', '.join(PURPOSES)}"
