@@ -1,0 +1,452 @@
+"""The SQLite manifest on a real file: schema, transitions, refcounts, quick index, lock, read-only."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncd.manifest import (
+    MANIFEST_NAME,
+    REMOVABLE,
+    RETRYABLE_FROM,
+    SCHEMA_VERSION,
+    AlreadyRunning,
+    FileKey,
+    InvalidTransition,
+    Manifest,
+    ManifestMissing,
+    ManifestReader,
+    SchemaMismatch,
+    State,
+    StateLock,
+    StatKey,
+    can_transition,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+STAT = StatKey(size=10, mtime_ns=1_700_000_000_000_000_000, ctime_ns=1_700_000_000_000_000_001, inode=42)
+X1, M1 = "1" * 32, "a" * 32
+X2, M2 = "2" * 32, "b" * 32
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def manifest(tmp_path: Path, clock: Clock) -> Iterator[Manifest]:
+    with StateLock(tmp_path / "state") as lock:
+        m = Manifest.open(lock, clock=clock)
+        yield m
+        m.close()
+
+
+def queue(m: Manifest, key: FileKey, *, xxh3: str = X1, md5: str = M1, purpose: str = "assistants") -> None:
+    m.mark_queued(key, xxh3=xxh3, md5=md5, purpose=purpose, stat=STAT)
+
+
+def sync(m: Manifest, key: FileKey, remote_id: str, *, owned: bool, md5: str = M1) -> None:
+    queue(m, key, md5=md5)
+    assert m.mark_uploading(key, md5=md5)
+    assert m.mark_synced(key, md5=md5, remote_id=remote_id, owned=owned, remote_created_at=5.0)
+
+
+# schema
+
+
+def test_fresh_state_dir_gets_the_current_schema_and_survives_reopen(tmp_path: Path) -> None:
+    state = tmp_path / "new" / "state"
+    key = FileKey(1, "docs/ünï code.pdf")
+    with StateLock(state) as lock:
+        m = Manifest.open(lock)
+        queue(m, key)
+        m.close()
+        conn = sqlite3.connect(state / MANIFEST_NAME)
+        version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        mode = conn.execute("PRAGMA journal_mode").fetchone()
+        conn.close()
+        assert version == (str(SCHEMA_VERSION),)
+        assert mode == ("wal",)
+        m = Manifest.open(lock)
+        entry = m.get(key)
+        m.close()
+    assert entry is not None
+    assert (entry.state, entry.stat, entry.xxh3, entry.md5) == (State.QUEUED, STAT, X1, M1)
+
+
+def test_a_manifest_from_a_newer_syncd_is_refused(tmp_path: Path) -> None:
+    with StateLock(tmp_path) as lock:
+        Manifest.open(lock).close()
+        conn = sqlite3.connect(tmp_path / MANIFEST_NAME)
+        conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+        conn.commit()
+        conn.close()
+        with pytest.raises(SchemaMismatch, match="v99"):
+            Manifest.open(lock)
+    with pytest.raises(SchemaMismatch, match="v99"):
+        ManifestReader.open_readonly(tmp_path)
+
+
+def test_open_requires_the_lock(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="lock"):
+        Manifest.open(StateLock(tmp_path))
+
+
+# lifecycle, refcount, ownership
+
+
+def test_upload_lifecycle_and_status_queries(manifest: Manifest, clock: Clock) -> None:
+    a, b = FileKey(1, "a.pdf"), FileKey(1, "b.pdf")
+    queue(manifest, a)
+    queue(manifest, b, xxh3=X2, md5=M2)
+    assert manifest.bytes_queued() == 2 * STAT.size
+    assert manifest.mark_uploading(a, md5=M1)
+    assert [e.relpath for e in manifest.uploading_rows()] == ["a.pdf"]
+    clock.now += 1
+    assert manifest.mark_retry(a, md5=M1, error="503 from server", next_attempt_at=clock.now + 30)
+    assert manifest.mark_uploading(a, md5=M1)
+    assert manifest.mark_synced(a, md5=M1, remote_id="file-1", owned=True, remote_created_at=7.5)
+    clock.now += 1
+    assert manifest.mark_failed(b, md5=M2, reason="415 unsupported type")
+    manifest.commit()
+
+    synced = manifest.get(a)
+    assert synced is not None
+    assert (synced.state, synced.remote_id, synced.owned, synced.remote_created_at) == (
+        State.SYNCED,
+        "file-1",
+        True,
+        7.5,
+    )
+    assert (synced.attempts, synced.next_attempt_at, synced.last_error) == (0, None, None)
+    failed = manifest.get(b)
+    assert failed is not None
+    assert (failed.state, failed.attempts, failed.last_error) == (State.FAILED, 1, "415 unsupported type")
+    counts = manifest.counts_by_state()
+    assert counts[State.SYNCED] == 1
+    assert counts[State.FAILED] == 1
+    assert counts[State.QUEUED] == 0
+    assert manifest.bytes_queued() == 0
+    assert [e.last_error for e in manifest.last_errors(5)] == ["415 unsupported type"]
+    assert manifest.local_copies(M1, "assistants")[0].remote_id == "file-1"
+    assert manifest.local_copies(M1, "vision") == []
+
+
+def test_paths_sharing_a_remote_file_are_refcounted(manifest: Manifest) -> None:
+    a, b = FileKey(1, "a.pdf"), FileKey(1, "copy of a.pdf")
+    sync(manifest, a, "file-1", owned=True)
+    sync(manifest, b, "file-1", owned=False)  # a copy found by hash: still ours, because the ledger says so
+    shared = manifest.get(b)
+    assert shared is not None
+    assert shared.owned
+    assert manifest.live_refs("file-1") == 2
+    manifest.mark_deleted(a)
+    assert manifest.live_refs("file-1") == 1
+    manifest.mark_deleted(b)
+    assert manifest.live_refs("file-1") == 0
+    [ledger] = manifest.owned_remotes()
+    assert (ledger.remote_id, ledger.refs) == ("file-1", 0)
+    assert [e.state for e in manifest.rows_for_remote("file-1")] == [State.DELETED, State.DELETED]
+    manifest.remove(a)
+    manifest.forget_owned("file-1")
+    assert manifest.owned_remote_ids() == set()
+    assert manifest.get(a) is None
+
+
+def test_adopted_files_are_never_owned(manifest: Manifest) -> None:
+    key = FileKey(1, "theirs.pdf")
+    sync(manifest, key, "file-of-another-client", owned=False)
+    entry = manifest.get(key)
+    assert entry is not None
+    assert not entry.owned
+    assert manifest.owned_remote_ids() == set()
+
+
+def test_changed_content_releases_the_old_remote_but_the_ledger_keeps_it(manifest: Manifest) -> None:
+    key = FileKey(1, "report.pdf")
+    sync(manifest, key, "file-old", owned=True)
+    queue(manifest, key, xxh3=X2, md5=M2)
+    entry = manifest.get(key)
+    assert entry is not None
+    assert (entry.state, entry.remote_id, entry.md5) == (State.QUEUED, None, M2)
+    assert manifest.live_refs("file-old") == 0
+    assert manifest.owned_remote_ids() == {"file-old"}
+
+
+def test_an_upload_overtaken_by_a_change_is_not_recorded_on_the_row(manifest: Manifest) -> None:
+    key = FileKey(1, "scan.pdf")
+    queue(manifest, key)
+    assert manifest.mark_uploading(key, md5=M1)
+    queue(manifest, key, xxh3=X2, md5=M2)  # the scanner wrote more pages meanwhile
+    assert not manifest.mark_synced(key, md5=M1, remote_id="file-stale", owned=True, remote_created_at=1.0)
+    assert not manifest.mark_retry(key, md5=M1, error="x", next_attempt_at=1.0)
+    assert not manifest.mark_failed(key, md5=M1, reason="x")
+    assert not manifest.mark_uploading(key, md5=M1)
+    entry = manifest.get(key)
+    assert entry is not None
+    assert (entry.state, entry.md5, entry.remote_id, entry.attempts) == (State.QUEUED, M2, None, 0)
+    assert manifest.owned_remote_ids() == {"file-stale"}  # so the reconciler can prune it
+    assert manifest.live_refs("file-stale") == 0
+
+
+def test_missing_marks_keep_the_first_time_and_any_observation_clears_them(
+    manifest: Manifest, clock: Clock
+) -> None:
+    key = FileKey(1, "a.pdf")
+    sync(manifest, key, "file-1", owned=True)
+    manifest.mark_missing(key, 100.0)
+    manifest.mark_missing(key, 200.0)
+    entry = manifest.get(key)
+    assert entry is not None
+    assert entry.missing_since == 100.0
+    manifest.clear_missing(key)
+    assert (e := manifest.get(key)) is not None
+    assert e.missing_since is None
+    manifest.mark_missing(key, 300.0)
+    moved = StatKey(11, 2, 3, 4)
+    manifest.update_stat(key, moved)
+    assert (e := manifest.get(key)) is not None
+    assert (e.stat, e.missing_since, e.state) == (moved, None, State.SYNCED)
+
+
+def test_expired_rows_keep_history_but_are_not_live(manifest: Manifest) -> None:
+    key = FileKey(1, "old.pdf")
+    sync(manifest, key, "file-1", owned=True)
+    manifest.mark_expired(key)
+    entry = manifest.get(key)
+    assert entry is not None
+    assert (entry.state, entry.remote_id, entry.owned) == (State.EXPIRED, "file-1", False)
+    assert manifest.live_refs("file-1") == 0
+    assert manifest.local_copies(M1, "assistants") == []
+
+
+def test_roots_and_notes(manifest: Manifest) -> None:
+    root = manifest.ensure_root("/srv/scans", device=2**63 + 5, inode=128)
+    again = manifest.ensure_root("/srv/scans", device=1, inode=1)
+    assert again == root
+    assert (root.device, root.inode, root.had_files) == (2**63 + 5, 128, False)
+    sync(manifest, FileKey(root.root_id, "a.pdf"), "file-1", owned=True)
+    manifest.set_root_identity(root.root_id, device=7, inode=8)
+    [stored] = manifest.roots()
+    assert (stored.device, stored.inode, stored.live_rows, stored.had_files) == (7, 8, 1, True)
+    manifest.set_note("pruning held", "root /srv/scans is on another device")
+    assert manifest.notes() == {"pruning held": "root /srv/scans is on another device"}
+    manifest.clear_note("pruning held")
+    assert manifest.notes() == {}
+
+
+# the state table, against the real database
+
+
+OPS = ("queued", "uploading", "synced", "failed", "retry", "deleted", "expired", "remove")
+_keys = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def shared_manifest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Manifest]:
+    with StateLock(tmp_path_factory.mktemp("transitions")) as lock:
+        m = Manifest.open(lock)
+        yield m
+        m.close()
+
+
+def _apply(m: Manifest, key: FileKey, op: str) -> None:
+    if op == "queued":
+        queue(m, key)
+    elif op == "uploading":
+        assert m.mark_uploading(key, md5=M1)
+    elif op == "synced":
+        assert m.mark_synced(key, md5=M1, remote_id="file-1", owned=False, remote_created_at=None)
+    elif op == "failed":
+        assert m.mark_failed(key, md5=M1, reason="rejected")
+    elif op == "retry":
+        assert m.mark_retry(key, md5=M1, error="timeout", next_attempt_at=1.0)
+    elif op == "deleted":
+        m.mark_deleted(key)
+    elif op == "expired":
+        m.mark_expired(key)
+    else:
+        m.remove(key)
+
+
+def _allowed(state: State | None, op: str) -> tuple[bool, State | None]:
+    if op == "remove":
+        return state is None or state in REMOVABLE, None
+    if op == "retry":
+        return state in RETRYABLE_FROM, State.QUEUED
+    target = State(op)
+    return can_transition(state, target), target
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(OPS), max_size=12))
+def test_every_transition_follows_the_state_table(shared_manifest: Manifest, ops: list[str]) -> None:
+    key = FileKey(1, f"path-{next(_keys)}")
+    state: State | None = None
+    for op in ops:
+        allowed, target = _allowed(state, op)
+        if allowed:
+            _apply(shared_manifest, key, op)
+            state = target
+        else:
+            with pytest.raises(InvalidTransition):
+                _apply(shared_manifest, key, op)
+        entry = shared_manifest.get(key)
+        assert (entry.state if entry is not None else None) == state
+    shared_manifest.commit()
+
+
+def test_the_table_matches_design_section_3() -> None:
+    assert can_transition(None, State.QUEUED)
+    assert can_transition(State.QUEUED, State.SYNCED)  # cache hit
+    assert can_transition(State.UPLOADING, State.QUEUED)  # retryable error
+    assert can_transition(State.SYNCED, State.EXPIRED)
+    assert not can_transition(State.FAILED, State.UPLOADING)  # not retried until the file changes
+    assert not can_transition(State.EXPIRED, State.UPLOADING)
+    assert not can_transition(State.UPLOADING, State.DELETED)  # an upload in flight finishes first
+    assert not can_transition(State.DELETED, State.SYNCED)
+    assert State.SYNCED not in REMOVABLE  # a live reference goes through "deleted"
+
+
+# quick index
+
+
+def test_quick_index_answers_by_relpath_and_tracks_what_a_scan_saw(manifest: Manifest) -> None:
+    huge_inode = StatKey(1, 2, 3, 2**64 - 2)  # overlayfs sets the top bit
+    names = [f"dir {i % 7}/fïle {i}.pdf" for i in range(500)]
+    for name in names:
+        queue(manifest, FileKey(1, name))
+    manifest.mark_queued(FileKey(1, "big"), xxh3=X1, md5=M1, purpose="vision", stat=huge_inode)
+    queue(manifest, FileKey(2, "other root"))
+    manifest.commit()
+    index = manifest.load_quick_index(1)
+    assert len(index) == 501
+    assert index.get(names[3]) == (STAT, State.QUEUED)
+    assert index.get("big") == (huge_inode, State.QUEUED)
+    assert (big := manifest.get(FileKey(1, "big"))) is not None
+    assert big.stat == huge_inode
+    assert index.get("other root") is None
+    assert index.get("nope") is None
+    for name in names[::2]:
+        index.mark_seen(name)
+    unseen = [e.relpath for e in manifest.iter_root(1) if not index.was_seen(e.relpath)]
+    assert sorted(unseen) == sorted([*names[1::2], "big"])
+
+
+# batching, locking, read-only access
+
+
+def test_batched_writes_are_invisible_to_readers_until_committed(manifest: Manifest, tmp_path: Path) -> None:
+    reader = ManifestReader.open_readonly(tmp_path / "state")
+    with manifest.batch():
+        queue(manifest, FileKey(1, "a.pdf"))
+        assert manifest.pending_writes == 1
+        assert reader.get(FileKey(1, "a.pdf")) is None
+    assert manifest.pending_writes == 0
+    assert reader.get(FileKey(1, "a.pdf")) is not None
+    queue(manifest, FileKey(1, "b.pdf"))
+    queue(manifest, FileKey(1, "c.pdf"))
+    assert manifest.mark_uploading(FileKey(1, "c.pdf"), md5=M1)  # the intent is durable at once
+    assert [e.relpath for e in reader.uploading_rows()] == ["c.pdf"]
+    reader.close()
+
+
+def test_batched_write_throughput(tmp_path: Path) -> None:
+    """Printed, not asserted: the daemon's reason to commit every N writes or T ms."""
+    rates = {}
+    for mode, n in (("batched", 20_000), ("per-row", 2_000)):
+        with StateLock(tmp_path / mode) as lock:
+            m = Manifest.open(lock)
+            start = time.perf_counter()
+            for i in range(n):
+                queue(m, FileKey(1, f"d{i % 50}/f{i}.pdf"))
+                if mode == "per-row" or i % 1000 == 999:
+                    m.commit()
+            m.commit()
+            rates[mode] = n / (time.perf_counter() - start)
+            m.close()
+    print(
+        f"\nmanifest writes: batched {rates['batched']:,.0f} rows/s,"
+        f" per-row commit {rates['per-row']:,.0f} rows/s"
+    )
+
+
+def test_read_only_open_needs_an_existing_manifest(tmp_path: Path) -> None:
+    with pytest.raises(ManifestMissing, match="no manifest"):
+        ManifestReader.open_readonly(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from syncd.manifest import FileKey, Manifest, StateLock, StatKey
+
+    with StateLock(Path(sys.argv[1])) as lock:
+        m = Manifest.open(lock)
+        m.mark_queued(FileKey(1, "held.pdf"), xxh3="1" * 32, md5="a" * 32, purpose="vision",
+                      stat=StatKey(3, 4, 5, 6))
+        m.commit()
+        m.mark_queued(FileKey(1, "uncommitted.pdf"), xxh3="1" * 32, md5="a" * 32, purpose="vision",
+                      stat=StatKey(3, 4, 5, 6))
+        print("ready", flush=True)
+        sys.stdin.readline()
+    """
+)
+
+
+def test_a_second_process_is_refused_while_status_still_reads(tmp_path: Path) -> None:
+    state = tmp_path / "state dir"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(state)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        with pytest.raises(AlreadyRunning) as refused:
+            StateLock(state).acquire()
+        message = str(refused.value)
+        assert str(state) in message
+        assert f"pid {child.pid}" in message
+        assert "\n" not in message
+
+        with ManifestReader.open_readonly(state) as reader:  # no lock needed, writer undisturbed
+            assert reader.counts_by_state()[State.QUEUED] == 1
+            assert reader.get(FileKey(1, "held.pdf")) is not None
+            assert reader.get(FileKey(1, "uncommitted.pdf")) is None
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+
+    with StateLock(state) as lock:  # kill -9 left nothing stale
+        m = Manifest.open(lock)
+        assert m.get(FileKey(1, "held.pdf")) is not None
+        assert m.get(FileKey(1, "uncommitted.pdf")) is None
+        m.close()
