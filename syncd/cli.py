@@ -59,8 +59,12 @@ def serve(
     reject_types: Annotated[
         str, typer.Option(help="Comma list of MIME types or .extensions to reject with 415.")
     ] = "",
-    fault_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of requests given a fault.")] = 0.0,
-    fault_kinds: Annotated[str, typer.Option(help="Comma list of 500,503,429,reset,slow.")] = "500,503,429,reset,slow",
+    fault_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of requests given a fault.")
+    ] = 0.0,
+    fault_kinds: Annotated[
+        str, typer.Option(help="Comma list of 500,503,429,reset,slow.")
+    ] = "500,503,429,reset,slow",
     fault_seed: Annotated[int | None, typer.Option(help="Seed for reproducible faults.")] = None,
     latency_ms: Annotated[int, typer.Option(min=0, help="Delay every response (a simulated WAN).")] = 0,
     public_only: Annotated[

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from syncd import logs
-from syncd.api import ApiError, FilesClient, FileResponse
+from syncd.api import ApiError, FileResponse, FilesClient
 from syncd.config import Config, ConfigError, WatchConfig, load_config
 from syncd.hashing import Changed, Digest, Hasher, Unreadable, Vanished
 from syncd.manifest import (
@@ -36,7 +36,17 @@ from syncd.manifest import (
     StateLock,
     StatKey,
 )
-from syncd.plan import Forget, Keep, MarkDeleted, MarkMissing, NeedRemote, Restat, after_hash, needs_hash, on_missing
+from syncd.plan import (
+    Forget,
+    Keep,
+    MarkDeleted,
+    MarkMissing,
+    NeedRemote,
+    Restat,
+    after_hash,
+    needs_hash,
+    on_missing,
+)
 from syncd.roots import RootRecord, observe_root, unavailable_reason
 from syncd.rules import CompiledRules, PurposeRule, RootRules, compile_rules
 from syncd.scan import FileStat, StatError, stat_path, walk
@@ -161,9 +171,9 @@ def _scan_thread(
                 continue
             index.mark_seen(result.relpath)
             known = index.get(result.relpath)
-            if known is not None and not needs_hash(known[0], known[1], _statkey(result.stat)):
-                if known[1] not in (State.QUEUED, State.UPLOADING):
-                    continue
+            unchanged = known is not None and not needs_hash(known[0], known[1], _statkey(result.stat))
+            if unchanged and known is not None and known[1] not in (State.QUEUED, State.UPLOADING):
+                continue
             batch.append(Candidate(root, root_id, result.relpath, result.stat))
             if len(batch) >= SCAN_BATCH:
                 deliver(batch)
@@ -173,8 +183,17 @@ def _scan_thread(
         missing = []
         if want_missing:
             prefix = under.strip("/") + "/" if under.strip("/") else ""
-            missing = [e for e in reader.iter_root(root_id) if e.state is not State.DELETED
-                       and e.relpath.startswith(prefix) and not index.was_seen(e.relpath)]
+            # A path the walk could not read (or a directory it could not list) is not a deleted one.
+            unreadable = tuple(rel + "/" for rel, _ in errors)
+            if "/" not in unreadable:
+                missing = [
+                    e
+                    for e in reader.iter_root(root_id)
+                    if e.state is not State.DELETED
+                    and e.relpath.startswith(prefix)
+                    and not index.was_seen(e.relpath)
+                    and not (e.relpath + "/").startswith(unreadable)
+                ]
     return _ScanDone(root, root_id, missing, errors)
 
 
@@ -205,7 +224,7 @@ class Pipeline:
         self.unavailable: dict[int, str] = {}
         self.root_by_id: dict[int, Root] = {}
         self.on_changed: Callable[[Root, str], None] = self._count_changed
-        # Where scan candidates go: straight to hashing for one pass; the daemon routes fresh files via settle.
+        # Where scan candidates go: straight to hashing in one pass; the daemon sends fresh files to settle.
         self.route: Callable[[Candidate], Awaitable[None]] = self.hash_q.put
         self.pending: set[FileKey] = set()  # keys waiting in or for the upload stage
         self._last_commit = time.monotonic()
@@ -215,7 +234,10 @@ class Pipeline:
 
     def maybe_commit(self) -> None:
         now = time.monotonic()
-        if self.manifest.pending_writes >= COMMIT_EVERY_WRITES or now - self._last_commit >= COMMIT_EVERY_SECONDS:
+        if (
+            self.manifest.pending_writes >= COMMIT_EVERY_WRITES
+            or now - self._last_commit >= COMMIT_EVERY_SECONDS
+        ):
             self.manifest.commit()
             self._last_commit = now
 
@@ -230,8 +252,9 @@ class Pipeline:
         obs = observe_root(
             root.path,
             marker=root.watch.marker,
-            keeps=lambda name, is_dir: not (root.rules.ignores_dir(name) if is_dir
-                                            else root.rules.accepts(name, 0) is not None),
+            keeps=lambda name, is_dir: (
+                not (root.rules.ignores_dir(name) if is_dir else root.rules.accepts(name, 0) is not None)
+            ),
         )
         if not obs.exists or not obs.is_dir or obs.device is None or obs.inode is None:
             gone = unavailable_reason(obs, None) or "root cannot be read"
@@ -277,8 +300,14 @@ class Pipeline:
 
         try:
             done = await asyncio.to_thread(
-                _scan_thread, root, root_id, self.config.state_dir, deliver,
-                under=under, want_missing=reason is None, abort=abort,
+                _scan_thread,
+                root,
+                root_id,
+                self.config.state_dir,
+                deliver,
+                under=under,
+                want_missing=reason is None,
+                abort=abort,
             )
         finally:
             abort.set()
@@ -380,8 +409,11 @@ class Pipeline:
         action = after_hash(entry, seen=stat, xxh3=result.xxh3, md5=result.md5, purpose=purpose)
         if isinstance(action, NeedRemote):
             self.manifest.mark_queued(key, xxh3=result.xxh3, md5=result.md5, purpose=purpose, stat=stat)
-            await self._submit(self._job(Candidate(cand.root, cand.root_id, cand.relpath, result.stat),
-                                         result.md5, purpose, None))
+            await self._submit(
+                self._job(
+                    Candidate(cand.root, cand.root_id, cand.relpath, result.stat), result.md5, purpose, None
+                )
+            )
             return
         if isinstance(action, Restat):
             self.manifest.update_stat(key, action.stat)
@@ -400,8 +432,14 @@ class Pipeline:
     @staticmethod
     def _job(cand: Candidate, md5: str, purpose: str, entry: Entry | None) -> UploadJob:
         intent = entry.updated_at if entry is not None and entry.state is State.UPLOADING else None
-        return UploadJob(FileKey(cand.root_id, cand.relpath), cand.root.path / cand.relpath, md5, purpose,
-                         _statkey(cand.stat), intent)
+        return UploadJob(
+            FileKey(cand.root_id, cand.relpath),
+            cand.root.path / cand.relpath,
+            md5,
+            purpose,
+            _statkey(cand.stat),
+            intent,
+        )
 
     def _log_unreadable(self, root_id: int, relpath: str, reason: str) -> None:
         if (root_id, relpath) not in self.unreadable_logged:
@@ -429,8 +467,9 @@ class Pipeline:
         done = self.inflight[slot] = asyncio.Event()
         try:
             index = await self.remote_index if self._index_fresh() and self.remote_index else None
-            outcome = await sync_job(job, manifest=self.manifest, client=self.client, clock=self.clock,
-                                     remote_index=index)
+            outcome = await sync_job(
+                job, manifest=self.manifest, client=self.client, clock=self.clock, remote_index=index
+            )
         finally:
             del self.inflight[slot]
             done.set()
@@ -509,8 +548,14 @@ def _api_key(config: Config) -> str:
 
 def _client(config: Config, base_url: str, api_key: str) -> FilesClient:
     r = config.remote
-    return FilesClient(base_url=base_url, api_key=api_key, timeout=r.timeout, retries=r.retries,
-                       concurrency=r.concurrency, presigned_threshold=r.presigned_threshold)
+    return FilesClient(
+        base_url=base_url,
+        api_key=api_key,
+        timeout=r.timeout,
+        retries=r.retries,
+        concurrency=r.concurrency,
+        presigned_threshold=r.presigned_threshold,
+    )
 
 
 def _configure_logging(config: Config, extra_secrets: tuple[str, ...] = ()) -> None:
@@ -532,11 +577,22 @@ def _summary_code(pipe: Pipeline) -> int:
     counts = pipe.manifest.counts_by_state()
     c = pipe.counters
     log.info(
-        "sync pass done", scanned=c.scanned, hashed=c.hashed, uploaded=c.uploaded, reused=c.reused,
-        failed=c.failed, retry=c.retry, changing=c.changed, unreadable=c.unreadable, deleted=c.deleted,
-        bytes_uploaded=c.bytes_uploaded, **{f"rows_{k.value}": v for k, v in counts.items() if v},
+        "sync pass done",
+        scanned=c.scanned,
+        hashed=c.hashed,
+        uploaded=c.uploaded,
+        reused=c.reused,
+        failed=c.failed,
+        retry=c.retry,
+        changing=c.changed,
+        unreadable=c.unreadable,
+        deleted=c.deleted,
+        bytes_uploaded=c.bytes_uploaded,
+        **{f"rows_{k.value}": v for k, v in counts.items() if v},
     )
-    problems = counts[State.FAILED] + counts[State.QUEUED] + counts[State.UPLOADING] + c.changed + c.unreadable
+    problems = (
+        counts[State.FAILED] + counts[State.QUEUED] + counts[State.UPLOADING] + c.changed + c.unreadable
+    )
     if problems:
         for entry in pipe.manifest.last_errors(10):
             if entry.state in (State.FAILED, State.QUEUED):
@@ -551,12 +607,16 @@ def sync_once(config: Config, *, progress: bool) -> int:
     with StateLock(config.state_dir) as lock:
         manifest = Manifest.open(lock)
         try:
-            return asyncio.run(_run_once(config, manifest, config.remote.base_url, api_key, progress=progress))
+            return asyncio.run(
+                _run_once(config, manifest, config.remote.base_url, api_key, progress=progress)
+            )
         finally:
             manifest.close()
 
 
-async def _run_once(config: Config, manifest: Manifest, base_url: str, api_key: str, *, progress: bool) -> int:
+async def _run_once(
+    config: Config, manifest: Manifest, base_url: str, api_key: str, *, progress: bool
+) -> int:
     async with _client(config, base_url, api_key) as client:
         pipe = Pipeline(config, manifest, client)
         try:
@@ -610,16 +670,22 @@ def _remote(config: Config, state_dir: Path, *, embedded: bool) -> Iterator[tupl
     host = url.hostname or "127.0.0.1"
     if host not in ("127.0.0.1", "localhost", "::1"):
         host = "127.0.0.1"  # embedded means loopback only, whatever base_url says
-    settings = ServerSettings(data_dir=state_dir / "server", api_key=_embedded_key(state_dir), host=host,
-                              port=url.port or 8000)
+    settings = ServerSettings(
+        data_dir=state_dir / "server", api_key=_embedded_key(state_dir), host=host, port=url.port or 8000
+    )
     try:
         with running_server(settings) as server:
-            log.info("embedded reference server", base_url=server.base_url,
-                     api_key_file=str(state_dir / "embedded-api-key"))
+            log.info(
+                "embedded reference server",
+                base_url=server.base_url,
+                api_key_file=str(state_dir / "embedded-api-key"),
+            )
             yield server.base_url, server.api_key
     except OSError as exc:
-        raise ConfigError(f"{config.source}: remote.base_url: cannot start the embedded server on "
-                          f"{host}:{url.port or 8000}: {exc.strerror or exc} (pick a free port)") from None
+        raise ConfigError(
+            f"{config.source}: remote.base_url: cannot start the embedded server on "
+            f"{host}:{url.port or 8000}: {exc.strerror or exc} (pick a free port)"
+        ) from None
 
 
 def run_daemon(config: Config, *, embedded: bool) -> int:
@@ -670,7 +736,9 @@ def _reloaded(old: Config, *, embedded: bool) -> Config:
     try:
         new = load_config(old.source)
         if new.state_dir != old.state_dir:
-            raise ConfigError(f"{old.source}: state.dir: changing it needs a restart (keeping {old.state_dir})")
+            raise ConfigError(
+                f"{old.source}: state.dir: changing it needs a restart (keeping {old.state_dir})"
+            )
         if not embedded:
             _api_key(new)
         log.info("config reloaded", source=str(old.source), roots=len(new.watch))
@@ -700,7 +768,7 @@ async def _run_pipeline(
 ) -> None:
     """Wire the stages for one config; return once `stop` or `reload` is set and the stages drained."""
     from syncd.settle import Aggregator, Gone, PathHint, Ready, Rescan, Settled, StatFailed, settle_stage
-    from syncd.watch import InotifyLimitError, WatchRoot, Watcher
+    from syncd.watch import InotifyLimitError, Watcher, WatchRoot
 
     loop = asyncio.get_running_loop()
     pipe = Pipeline(config, manifest, client)
@@ -783,15 +851,20 @@ async def _run_pipeline(
         rescan_now[root_index].set()
 
     watcher = Watcher(
-        [WatchRoot(str(r.path), r.watch.mode, r.watch.recursive, r.rules.ignores_dir, _file_filter(r))
-         for r in roots],
+        [
+            WatchRoot(str(r.path), r.watch.mode, r.watch.recursive, r.rules.ignores_dir, _file_filter(r))
+            for r in roots
+        ],
         loop=loop,
         hints=hints,
         request_rescan=lost_events,
     )
     stages = [
-        asyncio.create_task(settle_stage(hints, settled, aggregator=aggregator, stat=settle_stat,
-                                         clock=time.monotonic, stop=halt)),
+        asyncio.create_task(
+            settle_stage(
+                hints, settled, aggregator=aggregator, stat=settle_stat, clock=time.monotonic, stop=halt
+            )
+        ),
         asyncio.create_task(router()),
     ]
     hashers = [asyncio.create_task(pipe.hash_worker()) for _ in range(pipe.hasher.workers)]
@@ -803,7 +876,7 @@ async def _run_pipeline(
         for task in (*stages, *hashers, *uploaders):
             task.cancel()
         pipe.close()
-        raise ConfigError(f"{config.source}: watch.mode = \"inotify\": {exc}") from None
+        raise ConfigError(f'{config.source}: watch.mode = "inotify": {exc}') from None
     sources = [asyncio.create_task(rescans(r)) for r in roots]
     sources += [asyncio.create_task(sweeper()), asyncio.create_task(status())]
     notifier.ready(f"watching {len(roots)} folder(s)")
@@ -834,13 +907,15 @@ async def _drain_uploads(pipe: Pipeline, uploaders: list[asyncio.Task[None]]) ->
         pipe.upload_q.get_nowait()
     for _ in uploaders:
         pipe.upload_q.put_nowait(None)
-    done, pending = await asyncio.wait(uploaders, timeout=DRAIN_SECONDS)
+    _done, pending = await asyncio.wait(uploaders, timeout=DRAIN_SECONDS)
     for task in pending:
         task.cancel()
     await asyncio.gather(*uploaders, return_exceptions=True)
     if pending:
-        log.warning("stopped before in-flight uploads finished; they resume by md5 lookup at next start",
-                    uploads=len(pending))
+        log.warning(
+            "stopped before in-flight uploads finished; they resume by md5 lookup at next start",
+            uploads=len(pending),
+        )
 
 
 def _root_id(pipe: Pipeline, root: Root) -> int | None:

@@ -87,17 +87,28 @@ async def sync_job(
     if isinstance(decision, Reuse):
         owned = decision.owned or (hit is not None and ours_by_intent(hit, job.intent_at))
         if not manifest.mark_synced(
-            job.key, md5=job.md5, remote_id=decision.remote_id, owned=owned,
+            job.key,
+            md5=job.md5,
+            remote_id=decision.remote_id,
+            owned=owned,
             remote_created_at=decision.created_at,
         ):
             return Outcome.STALE
-        log.info("synced", path=job.key.relpath, md5=job.md5, remote_id=decision.remote_id,
-                 via=decision.source, owned=owned)
+        log.info(
+            "synced",
+            path=job.key.relpath,
+            md5=job.md5,
+            remote_id=decision.remote_id,
+            via=decision.source,
+            owned=owned,
+        )
         return Outcome.REUSED
     return await _upload(job, manifest=manifest, client=client, clock=clock)
 
 
-async def _upload(job: UploadJob, *, manifest: Manifest, client: FilesClient, clock: Callable[[], float]) -> Outcome:
+async def _upload(
+    job: UploadJob, *, manifest: Manifest, client: FilesClient, clock: Callable[[], float]
+) -> Outcome:
     if not manifest.mark_uploading(job.key, md5=job.md5):
         return Outcome.STALE
     try:
@@ -109,21 +120,33 @@ async def _upload(job: UploadJob, *, manifest: Manifest, client: FilesClient, cl
         return _record_error(job, exc, manifest=manifest, clock=clock)
     except OSError as exc:
         # Vanished or unreadable since it was hashed: the next scan or event decides what it is now.
-        manifest.mark_retry(job.key, md5=job.md5, error=f"cannot read: {exc.strerror or exc}",
-                            next_attempt_at=clock())
+        manifest.mark_retry(
+            job.key, md5=job.md5, error=f"cannot read: {exc.strerror or exc}", next_attempt_at=clock()
+        )
         return Outcome.CHANGED
     if (response.md5 is not None and response.md5 != job.md5) or response.bytes != job.stat.size:
         # The bytes sent are not the bytes hashed: our own fresh upload is garbage, remove it now.
         await _discard(client, response)
-        manifest.mark_retry(job.key, md5=job.md5, error="content differs from the hashed one",
-                            next_attempt_at=clock())
+        manifest.mark_retry(
+            job.key, md5=job.md5, error="content differs from the hashed one", next_attempt_at=clock()
+        )
         return Outcome.CHANGED
     marked = manifest.mark_synced(
-        job.key, md5=job.md5, remote_id=response.id, owned=True,
+        job.key,
+        md5=job.md5,
+        remote_id=response.id,
+        owned=True,
         remote_created_at=response.created_at.timestamp(),
     )
-    log.info("synced", path=job.key.relpath, md5=job.md5, remote_id=response.id, via="upload",
-             bytes=response.bytes, purpose=job.purpose)
+    log.info(
+        "synced",
+        path=job.key.relpath,
+        md5=job.md5,
+        remote_id=response.id,
+        via="upload",
+        bytes=response.bytes,
+        purpose=job.purpose,
+    )
     return Outcome.UPLOADED if marked else Outcome.STALE
 
 
@@ -134,7 +157,9 @@ async def _discard(client: FilesClient, response: FileResponse) -> None:
         log.warning("could not remove a mismatched upload", remote_id=response.id, error=exc.detail)
 
 
-def _record_error(job: UploadJob, exc: ApiError, *, manifest: Manifest, clock: Callable[[], float]) -> Outcome:
+def _record_error(
+    job: UploadJob, exc: ApiError, *, manifest: Manifest, clock: Callable[[], float]
+) -> Outcome:
     reason = f"{type(exc).__name__}: {exc.detail}" + (f" (HTTP {exc.status})" if exc.status else "")
     row = manifest.get(job.key)
     attempts = row.attempts if row is not None else 0
@@ -146,6 +171,11 @@ def _record_error(job: UploadJob, exc: ApiError, *, manifest: Manifest, clock: C
         return Outcome.FAILED
     manifest.mark_retry(job.key, md5=job.md5, error=action.error, next_attempt_at=action.next_attempt_at)
     level = log.error if isinstance(exc, AuthError) else log.warning
-    level("upload will be retried", path=job.key.relpath, md5=job.md5, error=action.error,
-          retry_in=round(action.next_attempt_at - clock(), 1))
+    level(
+        "upload will be retried",
+        path=job.key.relpath,
+        md5=job.md5,
+        error=action.error,
+        retry_in=round(action.next_attempt_at - clock(), 1),
+    )
     return Outcome.RETRY

@@ -384,4 +384,3 @@ class Watcher:
                 lost.add(hint.root_index)
         for index in sorted(lost):
             self._request_rescan(index)
-

@@ -18,7 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("VLMRUN_API_KEY", "VLMRUN_BASE_URL", "SYNCD_CONFIG", "CREDENTIALS_DIRECTORY", "STATE_DIRECTORY"):
+    for name in (
+        "VLMRUN_API_KEY",
+        "VLMRUN_BASE_URL",
+        "SYNCD_CONFIG",
+        "CREDENTIALS_DIRECTORY",
+        "STATE_DIRECTORY",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -51,9 +57,15 @@ def test_relative_paths_resolve_against_the_config_dir(tmp_path: Path) -> None:
         ("[remote]\nconcurrency = 0\n", "remote.concurrency: Input should be greater than or equal to 1"),
         ("[remote]\nbase_url = 'ftp://x'\n", "remote.base_url: must be an http(s) URL"),
         ("[remote]\npresigned_threshold = '12 parsecs'\n", "remote.presigned_threshold: not a size"),
-        ("[[watch]]\npath = 'a'\nmode = 'fast'\n", "watch[0].mode: Input should be 'auto', 'inotify' or 'poll'"),
+        (
+            "[[watch]]\npath = 'a'\nmode = 'fast'\n",
+            "watch[0].mode: Input should be 'auto', 'inotify' or 'poll'",
+        ),
         ("[[watch]]\npath = 'a'\npurpose = 'nope'\n", "watch[0].purpose: Input should be"),
-        ("[[watch]]\npath = 'a'\n[[watch.rules]]\npattern = 'x'\npurpose = 'y'\n", "watch[0].rules[0].purpose"),
+        (
+            "[[watch]]\npath = 'a'\n[[watch.rules]]\npattern = 'x'\npurpose = 'y'\n",
+            "watch[0].rules[0].purpose",
+        ),
         ("[reconcile]\nretention_days = { assistants = -1 }\n", "reconcile.retention_days: retention"),
         ("[reconcile]\nmax_delete_fraction = 2\n", "reconcile.max_delete_fraction"),
         ("api_key = 'sk-123'\n", "api_key: unknown key put the key in VLMRUN_API_KEY"),
@@ -86,10 +98,12 @@ def test_api_key_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert load_config(write(tmp_path, "")).api_key is not None
     assert load_config(write(tmp_path, "")).api_key.get_secret_value() == "from-credential"  # type: ignore[union-attr]
     cfg = load_config(write(tmp_path, '[remote]\napi_key_file = "key"\n'))
-    assert cfg.api_key is not None and cfg.api_key.get_secret_value() == "from-file"
+    assert cfg.api_key is not None
+    assert cfg.api_key.get_secret_value() == "from-file"
     monkeypatch.setenv("VLMRUN_API_KEY", "from-env")
     cfg = load_config(write(tmp_path, '[remote]\napi_key_file = "key"\n'))
-    assert cfg.api_key is not None and cfg.api_key.get_secret_value() == "from-env"
+    assert cfg.api_key is not None
+    assert cfg.api_key.get_secret_value() == "from-env"
     assert "from-env" not in repr(cfg)
     assert redacted(cfg)["remote"]["api_key"] == "**********"
 
@@ -115,14 +129,19 @@ def test_check_config_prints_redacted_config(tmp_path: Path) -> None:
     env = {**os.environ, "VLMRUN_API_KEY": "sk-very-secret-value"}
     out = subprocess.run(
         [sys.executable, "-m", "syncd", "check-config", "--config", str(path)],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     assert "sk-very-secret-value" not in out.stdout + out.stderr
     assert '"api_key": "**********"' in out.stdout
     bad = write(tmp_path, "[remote]\ntimeout = -1\n")
     out = subprocess.run(
         [sys.executable, "-m", "syncd", "check-config", "--config", str(bad)],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0

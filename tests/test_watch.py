@@ -251,12 +251,21 @@ def test_out_of_inotify_instances_auto_falls_back_to_polling_and_inotify_fails_c
             loop = asyncio.get_running_loop()
             hints: asyncio.Queue[PathHint] = asyncio.Queue(maxsize=10)
             with capture_logs() as logs:
-                auto = Watcher([WatchRoot(str(root), "auto", recursive=False)], loop=loop, hints=hints,
-                               request_rescan=lambda i: None, poll_interval=POLL)
+                auto = Watcher(
+                    [WatchRoot(str(root), "auto", recursive=False)],
+                    loop=loop,
+                    hints=hints,
+                    request_rescan=lambda i: None,
+                    poll_interval=POLL,
+                )
                 auto.start()
                 auto.stop()
-            strict = Watcher([WatchRoot(str(root), "inotify", recursive=False)], loop=loop, hints=hints,
-                             request_rescan=lambda i: None)
+            strict = Watcher(
+                [WatchRoot(str(root), "inotify", recursive=False)],
+                loop=loop,
+                hints=hints,
+                request_rescan=lambda i: None,
+            )
             try:
                 strict.start()
                 error = ""
