@@ -31,18 +31,6 @@ ENV_BASE_URL = "VLMRUN_BASE_URL"
 ENV_API_KEY = "VLMRUN_API_KEY"
 CREDENTIAL_NAME = "api-key"
 
-# Scanner and editor temp files: partial downloads, Office lock files, macOS and Windows metadata.
-DEFAULT_IGNORE: tuple[str, ...] = (
-    "*.tmp",
-    "*.part",
-    "*.filepart",
-    "*.crdownload",
-    "~$*",
-    ".~lock.*",
-    ".DS_Store",
-    "._*",
-    "Thumbs.db",
-)
 
 _UNITS = {
     "": 1,
@@ -132,7 +120,7 @@ class WatchConfig(_Section):
     settle_max_seconds: float = Field(default=300.0, gt=0)
     # A full rescan repairs what the watcher missed (network shares, sleep/resume); costs one stat per file.
     rescan_interval: float = Field(default=3600.0, gt=0)
-    # Added after DEFAULT_IGNORE, so a user's list never silently drops the temp-file defaults;
+    # Added after rules.DEFAULT_IGNORE, so a user's list never silently drops the temp-file defaults;
     # a gitignore negation ("!*.part") re-includes one of them.
     ignore: tuple[str, ...] = ()
     # Empty: every file not ignored. Otherwise only files matching one of these globs.
@@ -150,10 +138,6 @@ class WatchConfig(_Section):
         if self.settle_max_seconds < self.settle_seconds:
             raise ValueError("settle_max_seconds must be >= settle_seconds")
         return self
-
-    @property
-    def ignore_patterns(self) -> tuple[str, ...]:
-        return DEFAULT_IGNORE + self.ignore
 
 
 class ReconcileConfig(_Section):

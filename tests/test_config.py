@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from syncd.config import DEFAULT_IGNORE, ConfigError, load_config, parse_size, redacted
+from syncd.config import ConfigError, load_config, parse_size, redacted
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ def test_relative_paths_resolve_against_the_config_dir(tmp_path: Path) -> None:
     cfg = load_config(path)
     assert cfg.state_dir == tmp_path / "state"
     assert cfg.watch[0].path == tmp_path / "inbox"
-    assert cfg.watch[0].ignore_patterns == DEFAULT_IGNORE
+    assert cfg.watch[0].ignore == ()
 
 
 @pytest.mark.parametrize(
