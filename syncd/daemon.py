@@ -840,6 +840,13 @@ async def _run_pipeline(
                 if root_id is not None and reason is None:
                     pipe.apply_missing(pipe.manifest.missing_rows(root_id), root.watch.delete_grace_seconds)
 
+    async def committer() -> None:
+        """Writes never wait longer than COMMIT_EVERY_SECONDS to become durable and visible to `status`."""
+        while not halt.is_set():
+            await _sleep_or(halt, COMMIT_EVERY_SECONDS)
+            if pipe.manifest.pending_writes:
+                pipe.manifest.commit()
+
     async def status() -> None:
         while not halt.is_set():
             counts = pipe.manifest.counts_by_state()
@@ -878,7 +885,7 @@ async def _run_pipeline(
         pipe.close()
         raise ConfigError(f'{config.source}: watch.mode = "inotify": {exc}') from None
     sources = [asyncio.create_task(rescans(r)) for r in roots]
-    sources += [asyncio.create_task(sweeper()), asyncio.create_task(status())]
+    sources += [asyncio.create_task(t()) for t in (sweeper, status, committer)]
     notifier.ready(f"watching {len(roots)} folder(s)")
     log.info("watching", roots=[str(r.path) for r in roots])
     try:
