@@ -38,7 +38,6 @@ from syncd.manifest import (
 )
 from syncd.plan import (
     Forget,
-    Keep,
     MarkDeleted,
     MarkMissing,
     NeedRemote,
@@ -46,6 +45,7 @@ from syncd.plan import (
     after_hash,
     needs_hash,
     on_missing,
+    retry_delay,
 )
 from syncd.roots import RootRecord, observe_root, unavailable_reason
 from syncd.rules import CompiledRules, PurposeRule, RootRules, compile_rules
@@ -65,6 +65,8 @@ PREFETCH_LISTING_MIN = 64  # at least this many new files make one listing cheap
 LISTING_PAGES_PER_FILE = 0.05  # give up on the listing beyond one page per 20 new files (huge remotes)
 INDEX_TTL_SECONDS = 600.0  # after this, a cache check asks the server again
 DRAIN_SECONDS = 30.0  # SIGTERM waits this long for in-flight uploads before exiting anyway
+UPLOAD_FLOOR_BYTES_PER_SECOND = 1 << 20  # the client's per-attempt deadline assumes at least 1 MiB/s
+MAX_BACKOFF_SECONDS = 120.0  # the client's longest wait between attempts (honoured Retry-After included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,9 @@ class Counters:
     unreadable: int = 0
     bytes_uploaded: int = 0
     deleted: int = 0
-    held_roots: list[str] = field(default_factory=list)
+    walk_errors: int = 0
+    crashed: int = 0  # jobs that hit a bug; logged with a traceback, the row retried later
+    held_roots: dict[str, str] = field(default_factory=dict)  # root path → why it is not synced now
 
 
 def _statkey(st: FileStat) -> StatKey:
@@ -133,7 +137,9 @@ def _file_filter(root: Root) -> Callable[[str, int], bool]:
 class _ScanDone:
     root: Root
     root_id: int
-    missing: list[Entry]
+    missing: list[Entry]  # rows whose path the walk did not meet
+    returned: list[FileKey]  # rows marked missing earlier whose path is there again
+    repurposed: list[Entry]  # unchanged files whose rules now give another purpose
     errors: list[tuple[str, str]]
 
 
@@ -165,7 +171,7 @@ def _scan_thread(
             wanted=_file_filter(root),
         ):
             if abort.is_set():
-                return _ScanDone(root, root_id, [], errors)
+                return _ScanDone(root, root_id, [], [], [], errors)
             if result.stat is None:
                 errors.append((result.relpath, result.error or "unknown error"))
                 continue
@@ -180,21 +186,40 @@ def _scan_thread(
                 batch = []
         if batch:
             deliver(batch)
-        missing = []
-        if want_missing:
-            prefix = under.strip("/") + "/" if under.strip("/") else ""
-            # A path the walk could not read (or a directory it could not list) is not a deleted one.
-            unreadable = tuple(rel + "/" for rel, _ in errors)
-            if "/" not in unreadable:
-                missing = [
-                    e
-                    for e in reader.iter_root(root_id)
-                    if e.state is not State.DELETED
-                    and e.relpath.startswith(prefix)
-                    and not index.was_seen(e.relpath)
-                    and not (e.relpath + "/").startswith(unreadable)
-                ]
-    return _ScanDone(root, root_id, missing, errors)
+        prefix = under.strip("/") + "/" if under.strip("/") else ""
+        # A path the walk could not read (or a directory it could not list) is not a deleted one.
+        unreadable = tuple(rel + "/" for rel, _ in errors)
+        want_missing = want_missing and "/" not in unreadable
+        purpose_for = root.rules.purpose_for
+        missing: list[str] = []
+        returned: list[str] = []
+        repurposed: list[str] = []
+        for relpath, state, purpose, missing_since in reader.iter_root_brief(root_id):
+            if state is State.DELETED or not relpath.startswith(prefix):
+                continue
+            if index.was_seen(relpath):
+                if missing_since is not None:
+                    returned.append(relpath)
+                if state in _SETTLED and purpose != purpose_for(relpath):
+                    repurposed.append(relpath)
+            elif want_missing and not (relpath + "/").startswith(unreadable):
+                missing.append(relpath)
+
+        def rows(relpaths: list[str]) -> list[Entry]:
+            found = (reader.get(FileKey(root_id, rel)) for rel in relpaths)
+            return [e for e in found if e is not None]
+
+        return _ScanDone(
+            root,
+            root_id,
+            rows(missing),
+            [FileKey(root_id, rel) for rel in returned],
+            rows(repurposed),
+            errors,
+        )
+
+
+_SETTLED = (State.SYNCED, State.FAILED, State.EXPIRED)
 
 
 class Pipeline:
@@ -207,8 +232,14 @@ class Pipeline:
         client: FilesClient,
         *,
         clock: Callable[[], float] = time.time,
+        one_shot: bool = True,
+        confirm_roots: bool = False,
     ) -> None:
         self.config = config
+        # One pass retries every waiting row now (the user asked); the daemon honours each row's backoff.
+        self.one_shot = one_shot
+        # `reconcile --once --confirm`: accept a root's new identity, or its emptiness, as intended.
+        self.confirm_roots = confirm_roots
         self.manifest = manifest
         self.client = client
         self.clock = clock
@@ -227,6 +258,7 @@ class Pipeline:
         # Where scan candidates go: straight to hashing in one pass; the daemon sends fresh files to settle.
         self.route: Callable[[Candidate], Awaitable[None]] = self.hash_q.put
         self.pending: set[FileKey] = set()  # keys waiting in or for the upload stage
+        self.hashing: set[FileKey] = set()  # keys a hash worker is on
         self._last_commit = time.monotonic()
         self._index_made_at = 0.0
 
@@ -247,27 +279,39 @@ class Pipeline:
 
     # roots
 
-    def register_root(self, root: Root) -> tuple[int | None, str | None]:
-        """The root's manifest id and, if it may not be trusted for deletions, why."""
-        obs = observe_root(
+    async def register_root(self, root: Root) -> tuple[int | None, str | None]:
+        """The root's manifest id (None: not usable now) and, if it may not be trusted, why.
+
+        An unavailable root is not scanned at all (Syncthing stops a folder whose marker is gone): its
+        files are neither uploaded nor counted as deleted, and `status` shows the reason.
+        """
+        rules = root.rules
+        obs = await asyncio.to_thread(
+            observe_root,
             root.path,
             marker=root.watch.marker,
             keeps=lambda name, is_dir: (
-                not (root.rules.ignores_dir(name) if is_dir else root.rules.accepts(name, 0) is not None)
+                not (rules.ignores_dir(name) if is_dir else rules.accepts(name, 0) is not None)
             ),
         )
-        if not obs.exists or not obs.is_dir or obs.device is None or obs.inode is None:
-            gone = unavailable_reason(obs, None) or "root cannot be read"
-            for known in self.manifest.roots():
-                if known.path == str(root.path):
-                    self.unavailable[known.root_id] = gone
-                    self.manifest.set_note(f"root:{root.path}", gone)
-            return None, gone
-        stored = self.manifest.ensure_root(str(root.path), device=obs.device, inode=obs.inode)
+        key = f"root:{root.path}"
+        known = next((r for r in self.manifest.roots() if r.path == str(root.path)), None)
+        if obs.device is None or obs.inode is None or obs.marker_present is False or not obs.is_dir:
+            # Never record the identity of what may be an empty mount point.
+            absent = unavailable_reason(obs, None) or "root cannot be read"
+            if known is not None:
+                self.unavailable[known.root_id] = absent
+            self.manifest.set_note(key, absent)
+            self.manifest.commit()
+            return None, absent
+        stored = known or self.manifest.ensure_root(str(root.path), device=obs.device, inode=obs.inode)
         self.root_by_id[stored.root_id] = root
         record = RootRecord(stored.device, stored.inode, stored.had_files)
         reason = unavailable_reason(obs, record)
-        key = f"root:{root.path}"
+        if reason is not None and self.confirm_roots:
+            log.warning("accepting the root as it is now (--confirm)", root=str(root.path), was=reason)
+            self.manifest.set_root_identity(stored.root_id, device=obs.device, inode=obs.inode)
+            reason = unavailable_reason(obs, RootRecord(obs.device, obs.inode, had_files=False))
         if reason is None:
             self.manifest.clear_note(key)
             self.unavailable.pop(stored.root_id, None)
@@ -275,18 +319,20 @@ class Pipeline:
             self.manifest.set_note(key, reason)
             self.unavailable[stored.root_id] = reason
         self.manifest.commit()
-        return stored.root_id, reason
+        return (stored.root_id if reason is None else None), reason
 
     # stage: scan (source)
 
     async def scan_root(self, root: Root, *, under: str = "") -> None:
         """Walk a root (or a subtree), route what changed, and mark what is gone (unless the root is held)."""
-        root_id, reason = self.register_root(root)
+        root_id, reason = await self.register_root(root)
         if reason is not None:
-            self.counters.held_roots.append(f"{root.path}: {reason}")
-            log.error("root unavailable: nothing in it counts as deleted", root=str(root.path), reason=reason)
-        if root_id is None:
+            if self.counters.held_roots.get(str(root.path)) != reason:
+                log.error("root unavailable: not syncing it", root=str(root.path), reason=reason)
+            self.counters.held_roots[str(root.path)] = reason
             return
+        self.counters.held_roots.pop(str(root.path), None)
+        assert root_id is not None
         loop = asyncio.get_running_loop()
         abort = threading.Event()
 
@@ -306,14 +352,26 @@ class Pipeline:
                 self.config.state_dir,
                 deliver,
                 under=under,
-                want_missing=reason is None,
+                want_missing=True,
                 abort=abort,
             )
         finally:
             abort.set()
+        self.counters.walk_errors += len(done.errors)
         for relpath, error in done.errors:
             self._log_unreadable(root_id, relpath, error)
-        self.apply_missing(done.missing, root.watch.delete_grace_seconds)
+        for key in done.returned:
+            self.manifest.clear_missing(key)
+        for entry in done.repurposed:
+            await self._repurpose(root, entry)
+        await self.apply_missing(done.missing, root.watch.delete_grace_seconds)
+
+    async def _repurpose(self, root: Root, entry: Entry) -> None:
+        """The rules now give an unchanged file another purpose: it needs a remote file with that one."""
+        purpose = root.rules.purpose_for(entry.relpath)
+        self.manifest.mark_queued(entry.key, xxh3=entry.xxh3, md5=entry.md5, purpose=purpose, stat=entry.stat)
+        log.info("purpose changed", path=entry.relpath, was=entry.purpose, now=purpose)
+        await self._submit(UploadJob(entry.key, root.path / entry.relpath, entry.md5, purpose, entry.stat))
 
     async def _enqueue(self, batch: list[Candidate]) -> None:
         self.counters.scanned += len(batch)
@@ -323,32 +381,33 @@ class Pipeline:
         for cand in batch:
             await self.route(cand)
 
-    def apply_missing(self, rows: list[Entry], grace: float) -> None:
+    async def apply_missing(self, rows: list[Entry], grace: float) -> None:
+        """Rows whose path was not found: remember since when; past the grace period, deleted."""
         now = self.clock()
-        for entry in rows:
-            action = on_missing(entry, now, grace)
-            if isinstance(action, Keep):
+        due = {e.key for e in rows if isinstance(on_missing(e, now, grace), MarkDeleted | Forget)}
+        # Re-stat off the loop before acting: the scan's snapshot may predate a file that came back.
+        present = await asyncio.to_thread(lambda: {k for k in due if stat_path(self._abs(k)) is not None})
+        for snapshot in rows:
+            entry = self.manifest.get(snapshot.key)  # the row as it is now, not as the scan saw it
+            if entry is None:
                 continue
-            if isinstance(action, MarkMissing):
-                self.manifest.mark_missing(entry.key, action.since)
-                continue
-            # Re-stat before acting: the scan's snapshot may predate a file that came back.
-            if stat_path(self._abs_from_key(entry.key)) is not None:
+            if entry.key in present:
                 self.manifest.clear_missing(entry.key)
                 continue
-            if isinstance(action, MarkDeleted):
+            action = on_missing(entry, now, grace)
+            if isinstance(action, MarkMissing):
+                self.manifest.mark_missing(entry.key, action.since)
+            elif isinstance(action, MarkDeleted) and entry.key in due:
                 self.manifest.mark_deleted(entry.key)
                 self.counters.deleted += 1
                 log.info("deleted locally", path=entry.relpath, remote_id=entry.remote_id)
-            elif isinstance(action, Forget):
+            elif isinstance(action, Forget) and entry.key in due:
                 self.manifest.remove(entry.key)
         self.maybe_commit()
 
-    def _abs_from_key(self, key: FileKey) -> str:
-        for stored in self.manifest.roots():
-            if stored.root_id == key.root_id:
-                return os.path.join(stored.path, key.relpath)
-        return ""
+    def _abs(self, key: FileKey) -> str:
+        root = self.root_by_id.get(key.root_id)
+        return str(root.path / key.relpath) if root is not None else ""
 
     async def _prefetch_listing(self) -> RemoteIndex | None:
         """One paginated listing instead of one hash lookup per file, if the listing carries md5.
@@ -376,11 +435,21 @@ class Pipeline:
 
     async def hash_worker(self) -> None:
         while (cand := await self.hash_q.get()) is not None:
-            await self._hash_one(cand)
+            key = FileKey(cand.root_id, cand.relpath)
+            if key in self.hashing:
+                continue  # another worker is on it; its result covers this hint too
+            self.hashing.add(key)
+            try:
+                await self._hash_one(cand, key)
+            except Exception:
+                # A bug must not silently kill a stage: log it, count it, and keep the worker alive.
+                self.counters.crashed += 1
+                log.exception("hashing failed unexpectedly", path=cand.relpath)
+            finally:
+                self.hashing.discard(key)
             self.maybe_commit()
 
-    async def _hash_one(self, cand: Candidate) -> None:
-        key = FileKey(cand.root_id, cand.relpath)
+    async def _hash_one(self, cand: Candidate, key: FileKey) -> None:
         entry = self.manifest.get(key)
         seen = _statkey(cand.stat)
         if entry is not None and not needs_hash(entry.stat, entry.state, seen):
@@ -427,7 +496,7 @@ class Pipeline:
             await self.upload_q.put(job)
 
     def _due(self, entry: Entry) -> bool:
-        return entry.next_attempt_at is None or entry.next_attempt_at <= self.clock()
+        return self.one_shot or entry.next_attempt_at is None or entry.next_attempt_at <= self.clock()
 
     @staticmethod
     def _job(cand: Candidate, md5: str, purpose: str, entry: Entry | None) -> UploadJob:
@@ -452,9 +521,19 @@ class Pipeline:
         while (job := await self.upload_q.get()) is not None:
             try:
                 await self._upload_one(job)
+            except Exception as exc:
+                self.counters.crashed += 1
+                log.exception("upload failed unexpectedly; will retry", path=job.key.relpath)
+                self._retry_later(job, f"internal error: {exc!r}")
             finally:
                 self.pending.discard(job.key)
             self.maybe_commit()
+
+    def _retry_later(self, job: UploadJob, error: str) -> None:
+        row = self.manifest.get(job.key)
+        if row is not None and row.state in (State.QUEUED, State.UPLOADING) and row.md5 == job.md5:
+            when = self.clock() + retry_delay(row.attempts)
+            self.manifest.mark_retry(job.key, md5=job.md5, error=error, next_attempt_at=when)
 
     async def _upload_one(self, job: UploadJob) -> None:
         slot = (job.md5, job.purpose)
@@ -462,18 +541,33 @@ class Pipeline:
             # Same content at another path is being resolved: wait, then reuse its remote file.
             await busy.wait()
         current = self.manifest.get(job.key)
-        if current is None or current.state not in (State.QUEUED, State.UPLOADING) or current.md5 != job.md5:
-            return  # another job for this path got there first, or the content moved on
+        if (
+            current is None
+            or current.state not in (State.QUEUED, State.UPLOADING)
+            or (current.md5, current.purpose) != (job.md5, job.purpose)
+        ):
+            return  # another job for this path got there first, or the content or purpose moved on
         done = self.inflight[slot] = asyncio.Event()
         try:
             index = await self.remote_index if self._index_fresh() and self.remote_index else None
             outcome = await sync_job(
-                job, manifest=self.manifest, client=self.client, clock=self.clock, remote_index=index
+                job,
+                manifest=self.manifest,
+                client=self.client,
+                clock=self.clock,
+                remote_index=index,
+                intent_window=self._upload_window(job.stat.size),
             )
         finally:
             del self.inflight[slot]
             done.set()
         self._count(outcome, job)
+
+    def _upload_window(self, size: int) -> float:
+        """The longest one upload can take, all attempts and backoffs included (bounds recovery claims)."""
+        remote = self.config.remote
+        per_attempt = remote.timeout + size / UPLOAD_FLOOR_BYTES_PER_SECOND
+        return (per_attempt + MAX_BACKOFF_SECONDS) * (remote.retries + 1)
 
     def _index_fresh(self) -> bool:
         """The initial-sync listing stands in for lookups only briefly: remote files come and go."""
@@ -495,19 +589,31 @@ class Pipeline:
 
     # recovery
 
-    def recovery_candidates(self) -> Iterator[Candidate]:
-        """Rows left `queued` or `uploading` (a crash, a retry due): back through the quick check."""
-        by_id = {s.root_id: s for s in self.manifest.roots()}
-        roots = {str(r.path): r for r in self.roots}
-        for state in (State.UPLOADING, State.QUEUED):
-            for entry in list(self.manifest.in_state(state)):
-                stored = by_id.get(entry.root_id)
-                root = roots.get(stored.path) if stored is not None else None
-                if root is None or not self._due(entry):
-                    continue
-                st = stat_path(str(root.path / entry.relpath))
-                if isinstance(st, FileStat):
-                    yield Candidate(root, entry.root_id, entry.relpath, st)
+    async def recovery_candidates(self) -> list[Candidate]:
+        """Rows left `queued` or `uploading` (a crash, a retry due): back through the quick check.
+
+        A row left `uploading` whose file is gone goes back to `queued`, so the missing-file rules (not
+        an upload that can never happen) decide what becomes of it.
+        """
+        rows = [
+            e
+            for state in (State.UPLOADING, State.QUEUED)
+            for e in self.manifest.in_state(state)
+            if e.root_id in self.root_by_id and e.key not in self.pending and self._due(e)
+        ]
+        stats = await asyncio.to_thread(lambda: [stat_path(self._abs(e.key)) for e in rows])
+        found = []
+        for entry, st in zip(rows, stats, strict=True):
+            if isinstance(st, FileStat):
+                found.append(Candidate(self.root_by_id[entry.root_id], entry.root_id, entry.relpath, st))
+            elif st is None and entry.state is State.UPLOADING:
+                self.manifest.mark_retry(
+                    entry.key,
+                    md5=entry.md5,
+                    error="file vanished before its upload finished",
+                    next_attempt_at=self.clock(),
+                )
+        return found
 
     async def run_stages(self, sources: Callable[[], Awaitable[None]]) -> None:
         """Run hashers and uploaders until `sources` finished and everything drained."""
@@ -529,8 +635,9 @@ class Pipeline:
                 self.remote_index.cancel()
             self.manifest.commit()
 
-    def close(self) -> None:
-        self.hasher.close()
+    async def close(self) -> None:
+        # Joining the hash threads waits for the file being read: off the loop, so watchdog pings go on.
+        await asyncio.to_thread(self.hasher.close)
         self.manifest.commit()
 
 
@@ -569,6 +676,8 @@ async def sync_pass(pipe: Pipeline) -> None:
         # so they skip hashing and go straight to the uploader, which resolves them by md5 first).
         for root in pipe.roots:
             await pipe.scan_root(root)
+        for cand in await pipe.recovery_candidates():
+            await pipe.hash_q.put(cand)
 
     await pipe.run_stages(sources)
 
@@ -590,14 +699,19 @@ def _summary_code(pipe: Pipeline) -> int:
         bytes_uploaded=c.bytes_uploaded,
         **{f"rows_{k.value}": v for k, v in counts.items() if v},
     )
-    problems = (
-        counts[State.FAILED] + counts[State.QUEUED] + counts[State.UPLOADING] + c.changed + c.unreadable
-    )
-    if problems:
-        for entry in pipe.manifest.last_errors(10):
-            if entry.state in (State.FAILED, State.QUEUED):
-                log.error("not synced", path=entry.relpath, state=entry.state.value, error=entry.last_error)
-    return 1 if problems or c.held_roots else 0
+    # Rows of roots no longer configured are history, not this pass's problem.
+    stuck = [
+        e
+        for state in (State.FAILED, State.QUEUED, State.UPLOADING)
+        for e in pipe.manifest.in_state(state)
+        if e.root_id in pipe.root_by_id
+    ]
+    for entry in stuck[:20]:
+        log.error("not synced", path=entry.relpath, state=entry.state.value, error=entry.last_error)
+    for root, reason in c.held_roots.items():
+        log.error("root not synced", root=root, reason=reason)
+    problems = len(stuck) + c.changed + c.unreadable + c.walk_errors + c.crashed + len(c.held_roots)
+    return 1 if problems else 0
 
 
 def sync_once(config: Config, *, progress: bool) -> int:
@@ -629,7 +743,7 @@ async def _run_once(
                 await sync_pass(pipe)
             return _summary_code(pipe)
         finally:
-            pipe.close()
+            await pipe.close()
 
 
 def reconcile_once(config: Config, *, dry_run: bool, confirm: bool) -> int:
@@ -714,11 +828,11 @@ async def _daemon(config: Config, manifest: Manifest, base_url: str, api_key: st
     pinger = asyncio.create_task(_watchdog(notifier))
     try:
         while True:
-            reload.clear()
             async with _client(config, base_url, api_key) as client:
                 await _run_pipeline(config, manifest, client, notifier=notifier, stop=stop, reload=reload)
             if stop.is_set():
                 break
+            reload.clear()  # before reading: a SIGHUP during the read triggers one more reload
             config = _reloaded(config, embedded=embedded)
             _configure_logging(config, (api_key,))
             notifier.reloading()
@@ -735,6 +849,9 @@ def _reloaded(old: Config, *, embedded: bool) -> Config:
     """The config re-read on SIGHUP; on any error the old one stays in force (never a crash loop)."""
     try:
         new = load_config(old.source)
+        build_roots(new)  # rule errors surface here, not when the new pipeline starts
+        if not new.watch:
+            raise ConfigError(f"{old.source}: watch: no [[watch]] table: nothing to sync")
         if new.state_dir != old.state_dir:
             raise ConfigError(
                 f"{old.source}: state.dir: changing it needs a restart (keeping {old.state_dir})"
@@ -814,11 +931,30 @@ async def _run_pipeline(
                     pipe.manifest.mark_missing(FileKey(root_id, item.relpath), pipe.clock())
                     pipe.maybe_commit()
             elif isinstance(item, Rescan):
-                await pipe.scan_root(root, under=item.relpath)
+                # Walked by its own task: a scan feeds hints, which settle turns into more of these items.
+                subtree_rescans[item.root_index].add(item.relpath)
+                subtree_wake.set()
             elif isinstance(item, StatFailed):
                 pipe._log_unreadable(_root_id(pipe, root) or -1, item.relpath, item.error)
 
     rescan_now = [asyncio.Event() for _ in roots]
+    subtree_rescans: list[set[str]] = [set() for _ in roots]
+    subtree_wake = asyncio.Event()
+
+    async def subtree_scanner() -> None:
+        """Walk the directories settle asked for (new trees, collapsed bursts), coalescing repeats."""
+        while True:
+            await subtree_wake.wait()
+            subtree_wake.clear()
+            for root in roots:
+                pending_dirs = subtree_rescans[root.index]
+                while pending_dirs:
+                    under = pending_dirs.pop()
+                    if under == "" or rescan_now[root.index].is_set():
+                        pending_dirs.clear()
+                        rescan_now[root.index].set()
+                    else:
+                        await pipe.scan_root(root, under=under)
 
     async def rescans(root: Root) -> None:
         """The startup scan, then a full rescan every rescan_interval or when the watcher lost events."""
@@ -832,13 +968,16 @@ async def _run_pipeline(
         """Rows due for a retry go back through the quick check; missing rows past grace become deleted."""
         while not halt.is_set():
             await _sleep_or(halt, RETRY_SWEEP_SECONDS)
-            for cand in list(pipe.recovery_candidates()):
-                if FileKey(cand.root_id, cand.relpath) not in pipe.pending:
-                    await pipe.hash_q.put(cand)
+            for cand in await pipe.recovery_candidates():
+                await pipe.hash_q.put(cand)
             for root in roots:
-                root_id, reason = pipe.register_root(root)
-                if root_id is not None and reason is None:
-                    pipe.apply_missing(pipe.manifest.missing_rows(root_id), root.watch.delete_grace_seconds)
+                root_id, _ = await pipe.register_root(root)
+                if root_id is None:
+                    continue
+                if str(root.path) in pipe.counters.held_roots:
+                    rescan_now[root.index].set()  # the root is back: walk it now, not in an hour
+                rows = pipe.manifest.missing_rows(root_id)
+                await pipe.apply_missing(rows, root.watch.delete_grace_seconds)
 
     async def committer() -> None:
         """Writes never wait longer than COMMIT_EVERY_SECONDS to become durable and visible to `status`."""
@@ -873,6 +1012,7 @@ async def _run_pipeline(
             )
         ),
         asyncio.create_task(router()),
+        asyncio.create_task(subtree_scanner()),
     ]
     hashers = [asyncio.create_task(pipe.hash_worker()) for _ in range(pipe.hasher.workers)]
     uploaders = [asyncio.create_task(pipe.upload_worker()) for _ in range(config.remote.concurrency)]
@@ -882,7 +1022,8 @@ async def _run_pipeline(
         halt.set()
         for task in (*stages, *hashers, *uploaders):
             task.cancel()
-        pipe.close()
+        await asyncio.gather(*stages, *hashers, *uploaders, return_exceptions=True)
+        await pipe.close()
         raise ConfigError(f'{config.source}: watch.mode = "inotify": {exc}') from None
     sources = [asyncio.create_task(rescans(r)) for r in roots]
     sources += [asyncio.create_task(t()) for t in (sweeper, status, committer)]
@@ -891,21 +1032,26 @@ async def _run_pipeline(
     try:
         stopper = asyncio.create_task(stop.wait())
         reloader = asyncio.create_task(reload.wait())
-        await asyncio.wait({stopper, reloader, *stages, *sources}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (*stages, *sources):
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        workers = {*stages, *sources, *hashers, *uploaders}
+        await asyncio.wait({stopper, reloader, *workers}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         reloader.cancel()
+        for task in workers:
+            if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+                # A stage ended by a bug: stop cleanly (systemd restarts us) rather than limp on without it.
+                raise error
     finally:
         halt.set()
-        notifier.stopping() if stop.is_set() else None
+        if stop.is_set():
+            notifier.stopping()
         await asyncio.to_thread(watcher.stop)
         for task in (*sources, *stages, *hashers):
             task.cancel()
         await asyncio.gather(*sources, *stages, *hashers, return_exceptions=True)
         await _drain_uploads(pipe, uploaders)
-        pipe.close()
+        if pipe.remote_index is not None:
+            pipe.remote_index.cancel()
+        await pipe.close()
 
 
 async def _drain_uploads(pipe: Pipeline, uploaders: list[asyncio.Task[None]]) -> None:

@@ -248,8 +248,13 @@ class QuickIndex:
             self._seen[i] = 1
 
     def was_seen(self, relpath: str) -> bool:
+        """False only for a path the index knew and the walk never met.
+
+        A path unknown to the index (its row was written after the index was loaded, e.g. a file the
+        same walk found and the hashers queued) counts as seen: this walk is no evidence that it is gone.
+        """
         lo, hi = self._span(relpath)
-        return any(self._seen[lo:hi])
+        return lo == hi or any(self._seen[lo:hi])
 
 
 def _mig_1_initial(conn: sqlite3.Connection) -> None:
@@ -480,6 +485,15 @@ class ManifestReader:
     def in_state(self, state: State) -> Iterator[Entry]:
         return self._iter(f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state=?", (state.value,))
 
+    def iter_root_brief(self, root_id: int) -> Iterator[tuple[str, State, str, float | None]]:
+        """(relpath, state, purpose, missing_since) of every row of a root: what a full rescan compares,
+        without building a full Entry per row."""
+        cur = self._conn.execute(
+            "SELECT relpath, state, purpose, missing_since FROM files WHERE root_id=?", (root_id,)
+        )
+        for relpath, state, purpose, missing_since in cur:
+            yield relpath, State(state), purpose, missing_since
+
     def missing_rows(self, root_id: int) -> list[Entry]:
         """Rows of a root whose path was seen missing and that are not ``deleted`` yet (the grace sweep)."""
         return list(
@@ -675,12 +689,17 @@ class Manifest(ManifestReader):
         return self._conn.execute(sql, params).rowcount
 
     def _explain(self, key: FileKey, what: str, md5: str | None) -> bool:
-        """After a guarded UPDATE matched nothing: False if the row moved on to other content, else raise."""
+        """After a guarded UPDATE matched nothing: False if the row moved on, else raise.
+
+        For the md5-guarded transitions an upload job makes, "moved on" means other content, or a path
+        that is gone (row removed or ``deleted``) while the job awaited the network: the job is then
+        stale, not a bug, and must not kill its worker.
+        """
         row = self._conn.execute("SELECT state, md5 FROM files WHERE root_id=? AND relpath=?", key).fetchone()
+        if md5 is not None and (row is None or row[1] != md5 or row[0] == State.DELETED.value):
+            return False
         if row is None:
             raise InvalidTransition(f"{key.relpath!r} (root {key.root_id}): no row, cannot become {what}")
-        if md5 is not None and row[1] != md5:
-            return False
         raise InvalidTransition(f"{key.relpath!r} (root {key.root_id}): {row[0]} -> {what} is not allowed")
 
     def _transition(
@@ -720,7 +739,7 @@ class Manifest(ManifestReader):
     def mark_uploading(self, key: FileKey, *, md5: str) -> bool:
         """Record the intent to upload and commit it before the request is sent (crash safety).
 
-        False when the row meanwhile holds other content (the caller drops this upload).
+        False when the row meanwhile holds other content or its path is gone (the caller drops this upload).
         """
         marked = self._transition(key, State.UPLOADING, _SQL_UPLOADING, (), md5)
         self.commit()

@@ -71,6 +71,8 @@ def unavailable_reason(obs: RootObservation, record: RootRecord | None) -> str |
         return "marker file is missing (unmounted share?)"
     if record is not None and record.device is not None and obs.device != record.device:
         return "root is on another device than recorded (remounted or replaced?)"
+    if record is not None and record.inode is not None and obs.inode != record.inode:
+        return "root is another directory than recorded (replaced or re-created?)"
     if record is not None and record.had_files and not obs.has_kept_entry:
         return "root is empty but held files before (unmounted share?)"
     return None

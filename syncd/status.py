@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from syncd.config import Config
-from syncd.manifest import LOCK_NAME, ManifestMissing, ManifestReader
+from syncd.manifest import LOCK_NAME, ManifestMissing, ManifestReader, SchemaMismatch
 
 
 def daemon_running(state_dir: Path) -> bool:
@@ -34,8 +34,10 @@ def collect(config: Config) -> dict[str, Any]:
     report: dict[str, Any] = {"state_dir": str(state_dir), "running": daemon_running(state_dir)}
     try:
         reader = ManifestReader.open_readonly(state_dir)
-    except ManifestMissing:
+    except (ManifestMissing, SchemaMismatch) as exc:
         report.update(counts={}, bytes_queued=0, last_errors=[], notes={}, roots=[])
+        if isinstance(exc, SchemaMismatch):
+            report["notes"] = {"manifest": str(exc)}
         return report
     with reader:
         report["counts"] = {state.value: n for state, n in reader.counts_by_state().items()}
@@ -53,14 +55,14 @@ def render(report: dict[str, Any]) -> None:
     """Human-readable status on stdout."""
     typer.echo(f"state dir: {report['state_dir']} ({'daemon running' if report['running'] else 'no daemon'})")
     counts = report["counts"]
+    for key, text in report["notes"].items():
+        typer.echo(f"held: {key}: {text}")
     if not counts:
         typer.echo("no manifest yet: nothing has been synced with this state dir")
         return
-    typer.echo("files: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n) or "files: none")
+    typer.echo("files: " + (", ".join(f"{n} {state}" for state, n in counts.items() if n) or "none"))
     typer.echo(f"bytes queued: {report['bytes_queued']:,}")
     for root in report["roots"]:
         typer.echo(f"root {root['path']}: {root['files']} files")
-    for key, text in report["notes"].items():
-        typer.echo(f"held: {key}: {text}")
     for err in report["last_errors"]:
         typer.echo(f"error: {err['path']} ({err['state']}): {err['error']}")

@@ -58,9 +58,17 @@ class _Ledger:
         return isinstance(remote_id, str) and self._manifest.is_owned(remote_id)
 
 
-def ours_by_intent(hit: FileResponse, intent_at: float | None) -> bool:
-    """A hit for a row left `uploading` that was created after the intent is our own interrupted upload."""
-    return intent_at is not None and hit.created_at.timestamp() >= intent_at - INTENT_SKEW_SECONDS
+def ours_by_intent(hit: FileResponse, job: UploadJob, window: float) -> bool:
+    """Whether a hit for a row left `uploading` by a crash is our own interrupted upload.
+
+    Only a file with our name and size, created between the recorded intent and the latest moment that
+    upload could have landed, counts. Anything else is adopted (never pruned): wrongly adopting our own
+    file leaks one remote copy, wrongly owning another client's file could delete it.
+    """
+    if job.intent_at is None or hit.filename != job.path.name or hit.bytes != job.stat.size:
+        return False
+    created = hit.created_at.timestamp()
+    return job.intent_at - INTENT_SKEW_SECONDS <= created <= job.intent_at + window + INTENT_SKEW_SECONDS
 
 
 async def sync_job(
@@ -70,8 +78,13 @@ async def sync_job(
     client: FilesClient,
     clock: Callable[[], float],
     remote_index: RemoteIndex | None = None,
+    intent_window: float = 0.0,
 ) -> Outcome:
-    """Give one queued row a remote file: reuse one if any exists for (md5, purpose), else upload."""
+    """Give one queued row a remote file: reuse one if any exists for (md5, purpose), else upload.
+
+    ``intent_window`` is how long an upload may take at most (all attempts): it bounds which remote files
+    created after a crash's recorded intent can be ours.
+    """
     ledger = _Ledger(manifest)
     local = manifest.local_copies(job.md5, job.purpose)
     hit: FileResponse | None = None
@@ -82,10 +95,11 @@ async def sync_job(
             else:
                 hit = await client.find_by_md5(job.md5, purpose=job.purpose)
     except ApiError as exc:
-        return _record_error(job, exc, manifest=manifest, clock=clock)
+        # A failed lookup says nothing about the file: never a permanent rejection.
+        return _record_error(job, exc, manifest=manifest, clock=clock, permanent=False)
     decision = resolve(job.md5, job.purpose, local, hit, ledger)
     if isinstance(decision, Reuse):
-        owned = decision.owned or (hit is not None and ours_by_intent(hit, job.intent_at))
+        owned = decision.owned or (hit is not None and ours_by_intent(hit, job, intent_window))
         if not manifest.mark_synced(
             job.key,
             md5=job.md5,
@@ -112,7 +126,12 @@ async def _upload(
     if not manifest.mark_uploading(job.key, md5=job.md5):
         return Outcome.STALE
     try:
-        response = await client.upload(job.path, purpose=job.purpose, filename=job.path.name)
+        response = await client.upload(
+            job.path,
+            purpose=job.purpose,
+            filename=job.path.name,
+            expected=(job.stat.size, job.stat.mtime_ns),
+        )
     except SourceChangedError:
         manifest.mark_retry(job.key, md5=job.md5, error="changed during upload", next_attempt_at=clock())
         return Outcome.CHANGED
@@ -158,12 +177,18 @@ async def _discard(client: FilesClient, response: FileResponse) -> None:
 
 
 def _record_error(
-    job: UploadJob, exc: ApiError, *, manifest: Manifest, clock: Callable[[], float]
+    job: UploadJob,
+    exc: ApiError,
+    *,
+    manifest: Manifest,
+    clock: Callable[[], float],
+    permanent: bool | None = None,
 ) -> Outcome:
     reason = f"{type(exc).__name__}: {exc.detail}" + (f" (HTTP {exc.status})" if exc.status else "")
     row = manifest.get(job.key)
     attempts = row.attempts if row is not None else 0
-    kind = ErrorKind.PERMANENT if exc.permanent else ErrorKind.RETRYABLE
+    rejected = exc.permanent if permanent is None else permanent
+    kind = ErrorKind.PERMANENT if rejected else ErrorKind.RETRYABLE
     action = on_upload_error(kind, reason, attempts=attempts, now=clock())
     if isinstance(action, Failed):
         manifest.mark_failed(job.key, md5=job.md5, reason=action.reason)

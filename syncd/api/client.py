@@ -110,11 +110,15 @@ async def _read_file(f: BinaryIO, path: Path, size: int, mtime_ns: int) -> Async
 
 
 @asynccontextmanager
-async def _open_file(path: Path) -> AsyncIterator[tuple[BinaryIO, int, int]]:
+async def _open_file(
+    path: Path, expected: tuple[int, int] | None = None
+) -> AsyncIterator[tuple[BinaryIO, int, int]]:
     """Open ``path`` afresh (one handle per attempt) and report its size and mtime at open."""
     f = await asyncio.to_thread(open, path, "rb")
     try:
         st = await asyncio.to_thread(os.fstat, f.fileno())
+        if expected is not None and (st.st_size, st.st_mtime_ns) != expected:
+            raise SourceChangedError(str(path), "file changed since it was hashed")
         yield f, st.st_size, st.st_mtime_ns
     finally:
         await asyncio.to_thread(f.close)
@@ -159,6 +163,9 @@ class FilesClient:
         self._sleep = sleep
         self._uniform = uniform
         self._slots = asyncio.Semaphore(concurrency)
+        # Whether this server has shown our md5 extension; only then is `purpose` sent on hash lookups
+        # (design §5: use an extension only after seeing it).
+        self.extensions = False
         self._http = httpx.AsyncClient(
             base_url=self._base_url,
             auth=_BearerAuth(api_key),
@@ -194,14 +201,23 @@ class FilesClient:
         """Delete and return the deleted file. A retried delete whose first try landed answers 404."""
         return _parse(FileResponse, await self._call("delete", "DELETE", f"files/{_segment(file_id)}"))
 
+    def _noticed(self, item: FileResponse) -> FileResponse:
+        if item.md5 is not None:
+            self.extensions = True
+        return item
+
     async def find_by_md5(self, md5: str, *, purpose: str | None = None) -> FileResponse | None:
-        """The newest remote file with this md5 (and purpose, a server extension), or None."""
-        params = {"purpose": purpose} if purpose is not None else None
+        """The newest remote file with this md5, or None.
+
+        ``purpose`` narrows the lookup only on a server that has shown the md5 extension; callers must still
+        check the hit's purpose, as the public API answers the newest file of any purpose.
+        """
+        params = {"purpose": purpose} if purpose is not None and self.extensions else None
         try:
             response = await self._call("find_by_md5", "GET", f"files/hash/{_segment(md5)}", params=params)
         except NotFoundError:
             return None
-        return _parse(FileResponse, response)
+        return self._noticed(_parse(FileResponse, response))
 
     async def list_page(
         self, *, skip: int = 0, limit: int = MAX_PAGE, purpose: str | None = None
@@ -213,9 +229,12 @@ class FilesClient:
             params["purpose"] = purpose
         response = await self._call("list", "GET", "files", params=params)
         try:
-            return _FILE_LIST.validate_json(response.content)
+            items = _FILE_LIST.validate_json(response.content)
         except pydantic.ValidationError as exc:
             raise ApiError(f"unexpected list response: {exc}", status=response.status_code) from exc
+        if items:
+            self._noticed(items[0])
+        return items
 
     async def iter_all(
         self, *, page_size: int = MAX_PAGE, purpose: str | None = None
@@ -250,23 +269,32 @@ class FilesClient:
         purpose: str,
         filename: str | None = None,
         generate_public_url: bool = False,
+        expected: tuple[int, int] | None = None,
     ) -> FileResponse:
         """Upload ``path`` as a new remote file: direct multipart up to ``presigned_threshold`` bytes, above
         it presigned (POST presigned-url → PUT → verify), as the official SDK decides.
 
         ``generate_public_url`` is sent explicitly as false by default: the public API defaults it to true,
         and a sync daemon should not publish a user's documents unasked. Local ``OSError`` (file vanished)
-        propagates unchanged; :class:`SourceChangedError` if the file changed while being sent.
+        propagates unchanged; :class:`SourceChangedError` if the file changed while being sent, or if its
+        (size, mtime_ns) at open differ from ``expected`` (what the caller hashed: without the md5 extension
+        a same-size edit could not be noticed afterwards).
         """
         name = filename or path.name
         size = (await asyncio.to_thread(path.stat)).st_size
         if size > self._presigned_threshold:
-            return await self._upload_presigned(path, name=name, purpose=purpose)
-        return await self._upload_direct(path, name=name, purpose=purpose, public=generate_public_url)
+            item = await self._upload_presigned(path, name=name, purpose=purpose, expected=expected)
+        else:
+            item = await self._upload_direct(
+                path, name=name, purpose=purpose, public=generate_public_url, expected=expected
+            )
+        return self._noticed(item)
 
     # -- upload paths ------------------------------------------------------------------------------
 
-    async def _upload_direct(self, path: Path, *, name: str, purpose: str, public: bool) -> FileResponse:
+    async def _upload_direct(
+        self, path: Path, *, name: str, purpose: str, public: bool, expected: tuple[int, int] | None
+    ) -> FileResponse:
         part_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
 
         @asynccontextmanager
@@ -278,7 +306,7 @@ class FilesClient:
                 f"Content-Type: {part_type}\r\n\r\n"
             ).encode()
             tail = f"\r\n--{boundary}--\r\n".encode()
-            async with _open_file(path) as (f, size, mtime_ns):
+            async with _open_file(path, expected) as (f, size, mtime_ns):
 
                 async def stream() -> AsyncIterator[bytes]:
                     yield head
@@ -294,7 +322,9 @@ class FilesClient:
         response = await self._call("upload", "POST", "files", params=params, body=multipart)
         return _parse(FileResponse, response)
 
-    async def _upload_presigned(self, path: Path, *, name: str, purpose: str) -> FileResponse:
+    async def _upload_presigned(
+        self, path: Path, *, name: str, purpose: str, expected: tuple[int, int] | None
+    ) -> FileResponse:
         # Sent as given (no ``expiration``: the server's default applies), so that a bad purpose is judged
         # by the server (422 → ValidationError) exactly as on the direct path.
         body = {"filename": name, "purpose": purpose}
@@ -304,7 +334,7 @@ class FilesClient:
 
         @asynccontextmanager
         async def raw() -> AsyncIterator[_Body]:
-            async with _open_file(path) as (f, size, mtime_ns):
+            async with _open_file(path, expected) as (f, size, mtime_ns):
                 yield _Body(_read_file(f, path, size, mtime_ns), size, grant.content_type)
 
         # The URL authorises itself; like the SDK, send no API key to what may be another host.

@@ -1,0 +1,362 @@
+"""`sync_job` against the reference server on 127.0.0.1, with a real manifest file and the real client.
+
+Each test hashes a real file, queues its row as the hash stage does, runs one job and then looks at
+what the server holds (its request counters and listing) and what the manifest says.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from syncd.api import FilesClient
+from syncd.hashing import Digest, hash_file
+from syncd.manifest import FileKey, Manifest, State, StateLock, StatKey
+from syncd.plan import RETRY_BASE_SECONDS
+from syncd.server import RunningServer
+from syncd.upload import Outcome, UploadJob, sync_job
+
+pytestmark = pytest.mark.anyio
+
+ServerFactory = Callable[..., RunningServer]
+NOW = 1_800_000_000.0
+"""The job's wall clock (retry times are asserted against it). The manifest keeps the real clock: its
+``updated_at`` of an ``uploading`` row is the intent time, compared with the server's ``created_at``."""
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Iterator[Manifest]:
+    with StateLock(tmp_path / "state") as lock:
+        m = Manifest.open(lock)
+        yield m
+        m.close()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "root"
+    path.mkdir()
+    return path
+
+
+async def no_sleep(seconds: float) -> None:
+    """The client's backoff waits, spent instantly: retry tests must not cost wall time."""
+
+
+def client_for(server: RunningServer, *, retries: int = 2, transport: Any = None) -> FilesClient:
+    return FilesClient(
+        base_url=server.base_url, api_key=server.api_key, retries=retries, sleep=no_sleep, transport=transport
+    )
+
+
+def queue_file(
+    manifest: Manifest, root: Path, relpath: str, data: bytes, purpose: str = "assistants"
+) -> UploadJob:
+    """Write and hash a file, queue its row (as the hash stage does) and return its upload job."""
+    path = root / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    digest = hash_file(str(path))
+    assert isinstance(digest, Digest)
+    stat = StatKey.from_stat(os.stat(path))
+    key = FileKey(1, relpath)
+    manifest.mark_queued(key, xxh3=digest.xxh3, md5=digest.md5, purpose=purpose, stat=stat)
+    manifest.commit()
+    return UploadJob(key, path, digest.md5, purpose, stat)
+
+
+def remote_files(server: RunningServer) -> list[dict[str, Any]]:
+    response = httpx.get(f"{server.base_url}/files", params={"limit": 1000}, headers=auth(server), timeout=10)
+    response.raise_for_status()
+    files: list[dict[str, Any]] = response.json()
+    return files
+
+
+def remote_content(server: RunningServer, file_id: str) -> bytes:
+    response = httpx.get(f"{server.base_url}/files/{file_id}/content", headers=auth(server), timeout=10)
+    response.raise_for_status()
+    return response.content
+
+
+def auth(server: RunningServer) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.api_key}"}
+
+
+def other_client_uploads(server: RunningServer, name: str, data: bytes, purpose: str) -> str:
+    """Another program on the same account uploads a file (a plain multipart POST, as the SDK sends)."""
+    response = httpx.post(
+        f"{server.base_url}/files",
+        params={"purpose": purpose},
+        files={"file": (name, data)},
+        headers=auth(server),
+        timeout=10,
+    )
+    assert response.status_code == 201
+    file_id: str = response.json()["id"]
+    return file_id
+
+
+async def run(job: UploadJob, manifest: Manifest, client: FilesClient, **kw: Any) -> Outcome:
+    return await sync_job(job, manifest=manifest, client=client, clock=lambda: NOW, **kw)
+
+
+def row(manifest: Manifest, job: UploadJob) -> Any:
+    entry = manifest.get(job.key)
+    assert entry is not None
+    return entry
+
+
+# cache miss, local reuse, adoption
+
+
+async def test_a_cache_miss_is_uploaded_and_owned(
+    server: RunningServer, manifest: Manifest, root: Path
+) -> None:
+    data = b"%PDF-1.7 first scan"
+    job = queue_file(manifest, root, "scans/a.pdf", data)
+    async with client_for(server) as client:
+        assert await run(job, manifest, client) is Outcome.UPLOADED
+    entry = row(manifest, job)
+    assert entry.state is State.SYNCED
+    assert entry.owned
+    assert entry.remote_id is not None
+    assert manifest.is_owned(entry.remote_id)
+    assert entry.attempts == 0
+    assert entry.last_error is None
+    assert server.stats.uploads == 1
+    [remote] = remote_files(server)
+    assert remote["id"] == entry.remote_id
+    assert remote["filename"] == "a.pdf"
+    assert remote["purpose"] == "assistants"
+    assert remote["bytes"] == len(data)
+    assert remote_content(server, entry.remote_id) == data
+
+
+async def test_a_copy_reuses_the_manifests_remote_file_without_any_request(
+    server: RunningServer, manifest: Manifest, root: Path
+) -> None:
+    data = b"the same bytes at two paths"
+    first = queue_file(manifest, root, "a.pdf", data)
+    async with client_for(server) as client:
+        assert await run(first, manifest, client) is Outcome.UPLOADED
+        before = server.stats.snapshot()
+        copy = queue_file(manifest, root, "copy of a.pdf", data)
+        assert await run(copy, manifest, client) is Outcome.REUSED
+    assert server.stats.snapshot() == before  # no upload, not even a hash lookup
+    original, reused = row(manifest, first), row(manifest, copy)
+    assert reused.state is State.SYNCED
+    assert reused.remote_id == original.remote_id
+    assert reused.owned
+    assert manifest.live_refs(original.remote_id) == 2
+    assert len(remote_files(server)) == 1
+
+
+async def test_another_clients_identical_file_is_adopted_not_owned(
+    server: RunningServer, manifest: Manifest, root: Path
+) -> None:
+    data = b"a report someone else uploaded first"
+    theirs = other_client_uploads(server, "report.pdf", data, "assistants")
+    job = queue_file(manifest, root, "report.pdf", data)
+    async with client_for(server) as client:
+        assert await run(job, manifest, client) is Outcome.REUSED
+    entry = row(manifest, job)
+    assert entry.state is State.SYNCED
+    assert entry.remote_id == theirs
+    assert not entry.owned
+    assert not manifest.is_owned(theirs)
+    assert server.stats.uploads == 1  # theirs only
+    assert [f["id"] for f in remote_files(server)] == [theirs]
+
+
+@pytest.mark.parametrize("public_only", [False, True], ids=["purpose-filtered lookup", "public API shape"])
+async def test_a_remote_hit_with_another_purpose_is_not_reused(
+    server_factory: ServerFactory, manifest: Manifest, root: Path, public_only: bool
+) -> None:
+    """The public lookup ignores purpose (and reports no md5): syncd checks the hit's purpose itself."""
+    server = server_factory(public_only=public_only)
+    data = b"same bytes, other purpose"
+    theirs = other_client_uploads(server, "img.png", data, "vision")
+    job = queue_file(manifest, root, "img.png", data, purpose="assistants")
+    async with client_for(server) as client:
+        assert await run(job, manifest, client) is Outcome.UPLOADED
+    entry = row(manifest, job)
+    assert entry.state is State.SYNCED
+    assert entry.owned
+    assert entry.remote_id != theirs
+    assert server.stats.uploads == 2
+    by_id = {f["id"]: f["purpose"] for f in remote_files(server)}
+    assert by_id == {theirs: "vision", entry.remote_id: "assistants"}
+
+
+# errors
+
+
+async def test_a_file_too_large_for_the_server_fails_with_the_reason_and_is_not_retried(
+    server_factory: ServerFactory, manifest: Manifest, root: Path
+) -> None:
+    server = server_factory(max_bytes=64)
+    job = queue_file(manifest, root, "big.pdf", b"x" * 1000)
+    async with client_for(server, retries=3) as client:
+        assert await run(job, manifest, client) is Outcome.FAILED
+    entry = row(manifest, job)
+    assert entry.state is State.FAILED
+    assert entry.last_error is not None
+    assert "413" in entry.last_error
+    assert entry.next_attempt_at is None
+    assert entry.remote_id is None
+    assert server.stats.uploads == 1  # one attempt: a 413 is never retried
+    assert remote_files(server) == []
+
+
+async def test_a_5xx_storm_queues_the_row_for_a_later_attempt(
+    server_factory: ServerFactory, manifest: Manifest, root: Path
+) -> None:
+    server = server_factory(fault_rate=1.0, fault_kinds=("500",))
+    job = queue_file(manifest, root, "a.pdf", b"never gets through")
+    async with client_for(server, retries=2) as client:
+        assert await run(job, manifest, client) is Outcome.RETRY
+    entry = row(manifest, job)
+    assert entry.state is State.QUEUED
+    assert entry.attempts == 1
+    assert entry.next_attempt_at == NOW + RETRY_BASE_SECONDS
+    assert entry.last_error is not None
+    assert "500" in entry.last_error
+    assert server.stats.faults == 3  # the first try and two retries, then the job gave up for now
+    assert server.stats.uploads == 0
+
+
+# a file that changes between hashing and upload
+
+
+@pytest.mark.parametrize(
+    "change",
+    [b"same length, other bytes!", b"grown: " + b"y" * 100, b"short"],
+    ids=["same size", "grown", "shrunk"],
+)
+async def test_a_file_changed_after_hashing_leaves_nothing_on_the_server(
+    server: RunningServer, manifest: Manifest, root: Path, change: bytes
+) -> None:
+    hashed = b"same length, the bytes!!!"
+    job = queue_file(manifest, root, "draft.pdf", hashed)
+    job.path.write_bytes(change)
+    async with client_for(server) as client:
+        assert await run(job, manifest, client) is Outcome.CHANGED
+    entry = row(manifest, job)
+    assert entry.state is State.QUEUED
+    assert entry.remote_id is None
+    assert remote_files(server) == []
+    assert manifest.owned_remote_ids() == set()
+
+
+# crash recovery
+
+
+async def test_a_row_left_uploading_whose_upload_landed_is_resolved_without_a_second_upload(
+    server: RunningServer, manifest: Manifest, root: Path
+) -> None:
+    data = b"uploaded just before the crash"
+    job = queue_file(manifest, root, "a.pdf", data)
+    assert manifest.mark_uploading(job.key, md5=job.md5)  # the intent, committed before sending
+    async with client_for(server) as landed:  # the request that went out before the crash
+        ours = await landed.upload(job.path, purpose=job.purpose)
+    left = row(manifest, job)
+    assert left.state is State.UPLOADING
+
+    recovery = UploadJob(job.key, job.path, job.md5, job.purpose, job.stat, intent_at=left.updated_at)
+    async with client_for(server) as client:
+        assert await run(recovery, manifest, client) is Outcome.REUSED
+    entry = row(manifest, job)
+    assert entry.state is State.SYNCED
+    assert entry.remote_id == ours.id
+    assert entry.owned
+    assert manifest.is_owned(ours.id)
+    assert server.stats.uploads == 1
+
+
+async def test_a_row_left_uploading_whose_request_never_went_out_is_uploaded(
+    server: RunningServer, manifest: Manifest, root: Path
+) -> None:
+    job = queue_file(manifest, root, "a.pdf", b"crashed before sending")
+    assert manifest.mark_uploading(job.key, md5=job.md5)
+    recovery = UploadJob(
+        job.key, job.path, job.md5, job.purpose, job.stat, intent_at=row(manifest, job).updated_at
+    )
+    async with client_for(server) as client:
+        assert await run(recovery, manifest, client) is Outcome.UPLOADED
+    assert server.stats.uploads == 1
+    assert row(manifest, job).owned
+
+
+async def test_another_clients_upload_after_a_crash_before_sending_is_not_claimed(
+    server: RunningServer, manifest: Manifest, root: Path
+) -> None:
+    data = b"crashed before sending; a colleague uploads the same bytes later"
+    job = queue_file(manifest, root, "mine.pdf", data)
+    assert manifest.mark_uploading(job.key, md5=job.md5)
+    theirs = other_client_uploads(server, "their copy.pdf", data, "assistants")
+    recovery = UploadJob(
+        job.key, job.path, job.md5, job.purpose, job.stat, intent_at=row(manifest, job).updated_at
+    )
+    async with client_for(server) as client:
+        await run(recovery, manifest, client)
+    assert not manifest.is_owned(theirs)
+
+
+# a row that moves on while its job awaits the network
+
+
+class RemovingTransport(httpx.AsyncBaseTransport):
+    """The real transport; as the hash lookup leaves, the event loop changes the row (a race, made exact)."""
+
+    def __init__(self, on_lookup: Callable[[], None]) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._on_lookup = on_lookup
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if "/files/hash/" in request.url.path:
+            self._on_lookup()
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.mark.parametrize("gone", ["removed", "deleted"])
+async def test_a_path_gone_while_its_lookup_is_in_flight_makes_the_job_stale_not_an_exception(
+    server: RunningServer, manifest: Manifest, root: Path, gone: str
+) -> None:
+    """A worker that raised here would die and stall the pipeline; the job is simply dropped."""
+    job = queue_file(manifest, root, "short-lived.pdf", b"deleted right after it settled")
+
+    def path_goes_away() -> None:
+        if gone == "removed":
+            manifest.remove(job.key)
+        else:
+            manifest.mark_deleted(job.key)
+
+    async with client_for(server, transport=RemovingTransport(path_goes_away)) as client:
+        assert await run(job, manifest, client) is Outcome.STALE
+    entry = manifest.get(job.key)
+    assert entry is None if gone == "removed" else entry is not None and entry.state is State.DELETED
+    assert server.stats.uploads == 0
+
+
+async def test_a_same_size_edit_after_hashing_is_caught_against_the_public_api_shape(
+    server_factory: ServerFactory, manifest: Manifest, root: Path
+) -> None:
+    server = server_factory(public_only=True)
+    job = queue_file(manifest, root, "draft.pdf", b"same length, the bytes!!!")
+    job.path.write_bytes(b"same length, other bytes!")
+    async with client_for(server) as client:
+        assert await run(job, manifest, client) is Outcome.CHANGED
+    assert remote_files(server) == []
