@@ -191,6 +191,12 @@ def _scan_thread(
         unreadable = tuple(rel + "/" for rel, _ in errors)
         want_missing = want_missing and "/" not in unreadable
         purpose_for = root.rules.purpose_for
+
+        def wanted(relpath: str) -> bool:
+            """A file the rules now exclude was not deleted: its remote copy stays (rclone keeps excluded
+            files unless --delete-excluded; Syncthing never deletes for an ignore pattern)."""
+            return (recursive or "/" not in relpath) and root.rules.accepts(relpath, 0) is None
+
         missing: list[str] = []
         returned: list[str] = []
         repurposed: list[str] = []
@@ -202,7 +208,7 @@ def _scan_thread(
                     returned.append(relpath)
                 if state in _SETTLED and purpose != purpose_for(relpath):
                     repurposed.append(relpath)
-            elif want_missing and not (relpath + "/").startswith(unreadable):
+            elif want_missing and not (relpath + "/").startswith(unreadable) and wanted(relpath):
                 missing.append(relpath)
 
         def rows(relpaths: list[str]) -> list[Entry]:
