@@ -1,4 +1,4 @@
-"""`sync --once` in-process against the reference server: rule changes never delete, and purposes follow rules."""
+"""`sync --once` in-process against the reference server: rule changes never delete; purposes follow rules."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from syncd.server import RunningServer
 
 def config_for(tmp_path: Path, server: RunningServer, watch: str, monkeypatch: pytest.MonkeyPatch) -> Config:
     monkeypatch.setenv("VLMRUN_API_KEY", server.api_key)
-    toml = f'[remote]\nbase_url = "{server.base_url}"\n[state]\ndir = "state"\n{watch}\n[log]\nlevel = "warning"\n'
+    toml = (
+        f'[remote]\nbase_url = "{server.base_url}"\n[state]\ndir = "state"\n{watch}\n'
+        '[log]\nlevel = "warning"\n'
+    )
     return parse_config(tomllib.loads(toml), source=str(tmp_path / "syncd.toml"), base=tmp_path)
 
 
