@@ -151,6 +151,7 @@ def _scan_thread(
     *,
     under: str,
     want_missing: bool,
+    check_purposes: bool,
     abort: threading.Event,
 ) -> _ScanDone:
     """Walk one root (or the subtree `under`) with the one-stat quick check.
@@ -175,11 +176,10 @@ def _scan_thread(
             if result.stat is None:
                 errors.append((result.relpath, result.error or "unknown error"))
                 continue
-            index.mark_seen(result.relpath)
-            known = index.get(result.relpath)
-            unchanged = known is not None and not needs_hash(known[0], known[1], _statkey(result.stat))
-            if unchanged and known is not None and known[1] not in (State.QUEUED, State.UPLOADING):
-                continue
+            st = result.stat
+            state = index.seen_unchanged(result.relpath, st.size, st.mtime_ns, st.ctime_ns, st.inode)
+            if state is not None and state not in (State.QUEUED, State.UPLOADING, State.DELETED):
+                continue  # unchanged: one stat, nothing else (design §3 quick check)
             batch.append(Candidate(root, root_id, result.relpath, result.stat))
             if len(batch) >= SCAN_BATCH:
                 deliver(batch)
@@ -198,18 +198,22 @@ def _scan_thread(
             return (recursive or "/" not in relpath) and root.rules.accepts(relpath, 0) is None
 
         missing: list[str] = []
-        returned: list[str] = []
         repurposed: list[str] = []
-        for relpath, state, purpose, missing_since in reader.iter_root_brief(root_id):
-            if state is State.DELETED or not relpath.startswith(prefix):
-                continue
-            if index.was_seen(relpath):
-                if missing_since is not None:
-                    returned.append(relpath)
-                if state in _SETTLED and purpose != purpose_for(relpath):
-                    repurposed.append(relpath)
-            elif want_missing and not (relpath + "/").startswith(unreadable) and wanted(relpath):
-                missing.append(relpath)
+        returned = [
+            e.relpath
+            for e in reader.missing_rows(root_id)
+            if e.relpath.startswith(prefix) and index.was_seen(e.relpath)
+        ]
+        # A million-row root costs a full pass over its rows only when something can be found there.
+        if check_purposes or not index.all_seen():
+            for relpath, state, purpose, _ in reader.iter_root_brief(root_id):
+                if state is State.DELETED or not relpath.startswith(prefix):
+                    continue
+                if index.was_seen(relpath):
+                    if check_purposes and state in _SETTLED and purpose != purpose_for(relpath):
+                        repurposed.append(relpath)
+                elif want_missing and not (relpath + "/").startswith(unreadable) and wanted(relpath):
+                    missing.append(relpath)
 
         def rows(relpaths: list[str]) -> list[Entry]:
             found = (reader.get(FileKey(root_id, rel)) for rel in relpaths)
@@ -350,6 +354,9 @@ class Pipeline:
                     return
             future.cancel()
 
+        rules_key = f"purpose-rules:{root_id}"
+        fingerprint = root.rules.fingerprint
+        self.manifest.commit()  # the walker's own connection must see every row written so far
         try:
             done = await asyncio.to_thread(
                 _scan_thread,
@@ -359,10 +366,13 @@ class Pipeline:
                 deliver,
                 under=under,
                 want_missing=True,
+                check_purposes=self.manifest.meta(rules_key) != fingerprint,
                 abort=abort,
             )
         finally:
             abort.set()
+        if not under:
+            self.manifest.set_meta(rules_key, fingerprint)
         self.counters.walk_errors += len(done.errors)
         for relpath, error in done.errors:
             self._log_unreadable(root_id, relpath, error)
@@ -1014,7 +1024,13 @@ async def _run_pipeline(
     stages = [
         asyncio.create_task(
             settle_stage(
-                hints, settled, aggregator=aggregator, stat=settle_stat, clock=time.monotonic, stop=halt
+                hints,
+                settled,
+                aggregator=aggregator,
+                stat=settle_stat,
+                clock=time.monotonic,
+                wall=time.time,
+                stop=halt,
             )
         ),
         asyncio.create_task(router()),

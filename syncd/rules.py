@@ -68,7 +68,15 @@ class RootRules:
 class CompiledRules:
     """Compiled form of ``RootRules``; build once per root with ``compile_rules``."""
 
-    __slots__ = ("_dir_ignored", "_ignore", "_include", "_max_file_size", "_purposes", "default_purpose")
+    __slots__ = (
+        "_dir_ignored",
+        "_ignore",
+        "_include",
+        "_max_file_size",
+        "_purposes",
+        "default_purpose",
+        "fingerprint",
+    )
 
     def __init__(
         self,
@@ -77,12 +85,15 @@ class CompiledRules:
         max_file_size: int | None,
         purposes: Sequence[tuple[GitIgnoreSpec, str]],
         default_purpose: str,
+        fingerprint: str = "",
     ) -> None:
         self._ignore = ignore
         self._include = include
         self._max_file_size = max_file_size
         self._purposes = tuple(purposes)
         self.default_purpose = default_purpose
+        # Identifies the purpose rules: a rescan re-checks stored purposes only when this changed.
+        self.fingerprint = fingerprint
         self._dir_ignored = functools.lru_cache(maxsize=_DIR_CACHE_SIZE)(self._dir_ignored_uncached)
 
     def _dir_ignored_uncached(self, reldir: str) -> bool:
@@ -148,4 +159,5 @@ def compile_rules(rules: RootRules) -> CompiledRules:
         rules.max_file_size,
         purposes,
         rules.default_purpose or DEFAULT_PURPOSE,
+        repr((rules.purpose_rules, rules.default_purpose or DEFAULT_PURPOSE)),
     )

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import httpx
 import pytest
 
-from syncd.manifest import Entry, ManifestMissing, ManifestReader, State
+from syncd.manifest import Entry, ManifestMissing, ManifestReader, SchemaMismatch, State
 from syncd.server import RunningServer, ServerSettings, running_server
 from syncd.server.store import Clock
 
@@ -271,12 +271,19 @@ class Syncd:
     # what syncd recorded
 
     def rows(self) -> dict[str, Entry]:
-        """relpath → manifest row (one root per workspace); {} before the manifest exists."""
+        """relpath → manifest row (one root per workspace); {} before the manifest exists.
+
+        A daemon that is starting has created the file but not yet migrated it (schema v0): also {}.
+        """
         try:
             with ManifestReader.open_readonly(self.state_dir) as reader:
                 return {e.relpath: e for e in reader.iter_all()}
         except (ManifestMissing, sqlite3.OperationalError):
             return {}
+        except SchemaMismatch as exc:
+            if "schema v0," in str(exc):
+                return {}
+            raise
 
     def synced(self, *relpaths: str, md5: dict[str, str] | None = None) -> dict[str, Entry] | None:
         """The rows of `relpaths` when every one is `synced` (with the given md5s, if any), else None."""
@@ -299,8 +306,12 @@ class Syncd:
             states = {p: (rows[p].state.value, rows[p].last_error) if p in rows else None for p in relpaths}
             return f"rows: {states}" + (f"\n{daemon.tail()}" if daemon is not None else "")
 
-        return wait_for(lambda: self.synced(*relpaths, md5=md5), timeout=timeout,
-                        what=f"{', '.join(relpaths)} synced", diagnose=diagnose)
+        def check() -> dict[str, Entry] | None:
+            if daemon is not None and not daemon.alive():
+                pytest.fail(f"the daemon exited with {daemon.proc.returncode}\n{diagnose()}")
+            return self.synced(*relpaths, md5=md5)
+
+        return wait_for(check, timeout=timeout, what=f"{', '.join(relpaths)} synced", diagnose=diagnose)
 
     # what the server holds
 
