@@ -373,6 +373,14 @@ class Pipeline:
             abort.set()
         if not under:
             self.manifest.set_meta(rules_key, fingerprint)
+        log.debug(
+            "scan done",
+            root=str(root.path),
+            under=under,
+            candidates=self.counters.scanned,
+            missing=len(done.missing),
+            errors=len(done.errors),
+        )
         self.counters.walk_errors += len(done.errors)
         for relpath, error in done.errors:
             self._log_unreadable(root_id, relpath, error)

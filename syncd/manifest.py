@@ -467,6 +467,9 @@ class ManifestReader:
         except BaseException:
             conn.close()
             raise
+        if version == 0:
+            conn.close()
+            raise ManifestMissing(f"manifest {path} is being created (a daemon is starting)")
         if version != SCHEMA_VERSION:
             conn.close()
             raise SchemaMismatch(

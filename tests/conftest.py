@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import httpx
 import pytest
 
-from syncd.manifest import Entry, ManifestMissing, ManifestReader, SchemaMismatch, State
+from syncd.manifest import Entry, ManifestMissing, ManifestReader, State
 from syncd.server import RunningServer, ServerSettings, running_server
 from syncd.server.store import Clock
 
@@ -273,17 +273,13 @@ class Syncd:
     def rows(self) -> dict[str, Entry]:
         """relpath → manifest row (one root per workspace); {} before the manifest exists.
 
-        A daemon that is starting has created the file but not yet migrated it (schema v0): also {}.
+        A daemon that is starting has created the file but not yet migrated it: also {}.
         """
         try:
             with ManifestReader.open_readonly(self.state_dir) as reader:
                 return {e.relpath: e for e in reader.iter_all()}
         except (ManifestMissing, sqlite3.OperationalError):
             return {}
-        except SchemaMismatch as exc:
-            if "schema v0," in str(exc):
-                return {}
-            raise
 
     def synced(self, *relpaths: str, md5: dict[str, str] | None = None) -> dict[str, Entry] | None:
         """The rows of `relpaths` when every one is `synced` (with the given md5s, if any), else None."""
