@@ -926,8 +926,10 @@ async def _run_pipeline(
         return stat_path(str(roots[root_index].path / relpath))
 
     def changed(root: Root, relpath: str) -> None:
+        """Changed while hashed or uploaded: settle it again. `scanned`, not `modified`: on a polling root
+        no close event will ever come, and settle must not wait for one until settle_max_seconds."""
         with contextlib.suppress(asyncio.QueueFull):
-            hints.put_nowait(PathHint(root.index, relpath, "modified"))
+            hints.put_nowait(PathHint(root.index, relpath, "scanned"))
 
     async def route(cand: Candidate) -> None:
         """Scan finds: files quiet for settle_seconds go straight to hashing; fresher ones settle first."""

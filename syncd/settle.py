@@ -10,26 +10,41 @@ Definitions (``q`` = the root's quiet period, ``settle_seconds``; ``D`` = ``max_
 - A key is *terminal* when its last content event was ``closed`` (close-after-write),
   ``moved_in`` (rename into the folder) or ``created``; a later ``modified`` clears it and a
   later ``attrib`` leaves it as it is. ``created`` counts because a hard link (``.filepart`` →
-  final name) produces IN_CREATE and nothing else: no open, no write, no close. The price: a
-  writer that creates a file, then pauses for more than ``2q`` before its first write, gets a
-  0-byte upload first and a second upload once it closes. ``scanned`` (a hint from a scan or
-  from a polling watcher, where close events do not exist) makes a *new* key terminal but does
-  not override a live watcher's ``modified``.
-- A file is *checked* (re-stat'ed) when it has been quiet for ``q`` (no event, and no check, in
-  the last ``q``) if it is terminal, or ``D`` after it was first seen otherwise. Past ``D`` it is
-  checked every ``q`` whatever the events, so a file that never stops changing is still looked
-  at; it is never dropped.
-- A file is *ready* at a check when its stat equals the stat observed at the previous check
-  (``q`` or more earlier: so, unchanged for ``q``), it is terminal or ``D`` has passed, and no
-  event arrived in the last ``q`` (or ``D`` has passed). Otherwise the observation is recorded
-  and the key re-armed, keeping ``first_seen`` so ``D`` still bounds the wait for a close. A
-  ``scanned`` hint may carry the stat the scan saw: that is the first observation, so a file
-  found by a scan costs one more ``stat``, ``q`` later.
+  final name) produces IN_CREATE and nothing else: no open, no write, no close. ``scanned`` (a
+  hint from a scan or from a polling watcher, where close events do not exist) makes a *new*
+  key terminal but does not override a live watcher's ``modified``.
+- An observation (a re-stat) is *old* when the file's last change, the later of its mtime and
+  ctime, is at least ``q`` before a wall-clock reading taken just before the stat, and the file
+  is not empty: it has provably not changed for ``q`` and needs no second stat. ctime counts
+  because it cannot be back-dated (``cp -p``, ``tar``, ``touch -d`` set an old mtime, not an
+  old ctime). A change time in the future (a share whose clock runs ahead) never counts as old.
+  Empty files are excluded because ``created`` with nothing written yet (``scanimage >
+  out.tif`` warming up) looks exactly like a finished hard link: they get the second stat, so,
+  as before, only a writer pausing more than ``2q`` before its first write causes a 0-byte
+  upload first. The rule also serves scans and polling roots (a scanner writing page by page
+  keeps moving mtime; ``route()`` in the daemon already trusts mtime age for scan finds). Its
+  caveat: on a share whose clock runs ``s`` *behind* ours, files look ``s`` older than they are
+  and the quiet period there is in effect ``q - s`` (hashing still catches a change during the
+  read); give such roots a larger ``settle_seconds``.
+- A file is *checked* (re-stat'ed) when it has been quiet for ``q`` (no event in the last
+  ``q``) if it is terminal, or ``D`` after it was first seen otherwise. After a check that
+  found it not ready, the next check is ``q`` later, or sooner: when its last change turns
+  ``q`` old. Past ``D`` it is checked that way whatever the events, so a file that never stops
+  changing is still looked at; it is never dropped.
+- A file is *ready* at a check when it is *stable*: old, or equal to the observation of the
+  previous check ``q`` or more earlier; and it is terminal or ``D`` has passed, and no event
+  arrived in the last ``q`` (or ``D`` has passed). Otherwise the observation is recorded and
+  the key re-armed, keeping ``first_seen`` so ``D`` still bounds the wait for a close. So a
+  closed file is normally ready at its first check, ``q`` after its last event.
+- A ``scanned`` hint may carry the stat the scan saw: that is the first observation, and for a
+  new key the change it shows counts as the key's last event (a scan is not an event, the
+  change it saw is). So a file a scan found ``a`` seconds after its last change is checked
+  ``q - a`` later, and is ready then if it did not change since.
 - Deletes are held longest: a deleted key is checked ``3q`` after its last event (a rename is a
-  delete plus a create, and the create side needs ``2q`` to become ready: the planner should
-  see the new path before the old one goes). If the path exists again by then, it is treated
-  as a new observation. A key whose file vanished at a check becomes a delete, held the same way.
-  Within one batch, deletions are emitted after everything else.
+  delete plus a create, and the create side may need ``2q`` to become ready: the planner
+  should see the new path before the old one goes). If the path exists again by then, it is
+  treated as a new observation. A key whose file vanished at a check becomes a delete, held
+  the same way. Within one batch, deletions are emitted after everything else.
 - Past ``collapse_threshold`` pending keys in one directory, they are replaced by one rescan
   of that directory (and past ``max_pending`` keys in all, by one rescan per root): events
   under a pending rescan are absorbed into it. A ``Rescan`` means "walk this subtree and
@@ -53,7 +68,7 @@ HINT_KINDS: frozenset[str] = frozenset(get_args(HintKind))
 Key = tuple[int, str]
 """(root_index, relpath): relpath is posix, relative to the root; "" is the root itself."""
 
-# Deletes wait this many quiet periods: longer than the 2q a renamed file's new name needs.
+# Deletes wait this many quiet periods: longer than the 2q a renamed file's new name may need.
 DELETE_HOLD_FACTOR = 3.0
 # Syncthing's per-directory limit is 128 (maxFilesPerDir); 512 keeps more precise hints for
 # the common "drop a few hundred scans into one folder" case. A guess, not a measurement.
@@ -124,6 +139,7 @@ class _Entry:
     deleted: bool
     last_check: float | None = None
     stat: FileStat | None = None
+    old_at: float | None = None  # when ``stat`` turns old (its change q in the past), if it can
     due_at: float = 0.0
 
 
@@ -143,6 +159,11 @@ class DueBatch:
     checks: list[Key] = field(default_factory=list)
 
 
+def _age(stat: FileStat, wall: float) -> float:
+    """Seconds between the file's last change (mtime or ctime, whichever is later) and ``wall``."""
+    return wall - max(stat.mtime_ns, stat.ctime_ns) / 1e9
+
+
 def _parent(relpath: str) -> str:
     return relpath.rpartition("/")[0]
 
@@ -157,6 +178,8 @@ class Aggregator:
     ``quiet`` is ``settle_seconds``, one value or one per root index. Use: ``note`` every hint;
     at ``next_deadline()`` call ``due(now)``, re-stat each returned key and hand the result to
     ``checked``, which answers ``Ready``/``Gone``/``StatFailed`` or ``None`` (re-armed).
+    ``now`` is monotonic and drives every deadline; ``wall`` (wall-clock seconds, comparable to
+    file mtimes) is only used to tell how old an observed file is.
     """
 
     def __init__(
@@ -195,11 +218,25 @@ class Aggregator:
         overdue = e.first_seen + self.max_delay
         if e.deleted:
             return min(e.last_event + self.delete_hold * e.quiet, overdue)
-        forced = overdue if e.last_check is None else max(overdue, e.last_check + e.quiet)
+        if e.last_check is None:
+            return min(e.last_event + e.quiet, overdue) if e.terminal else overdue
+        stable_at = e.last_check + e.quiet if e.old_at is None else min(e.last_check + e.quiet, e.old_at)
+        forced = max(overdue, stable_at)
         if not e.terminal:
             return forced
-        last = e.last_event if e.last_check is None else max(e.last_event, e.last_check)
-        return min(last + e.quiet, forced)
+        return min(max(e.last_event + e.quiet, stable_at), forced)
+
+    @staticmethod
+    def _observe(e: _Entry, observed: FileStat, now: float, wall: float) -> bool:
+        """Record ``observed`` as the key's last observation; return whether it is old already.
+
+        ``old_at`` is defined so that "old" and "due again" agree exactly: a key that is not old
+        yet is never due again at ``now``, so the stage cannot spin on it.
+        """
+        age = _age(observed, wall)
+        e.last_check, e.stat = now, observed
+        e.old_at = now + (e.quiet - age) if observed.size > 0 and age >= 0 else None
+        return e.old_at is not None and e.old_at <= now
 
     def _schedule(self, key: Key, e: _Entry) -> None:
         due = self._file_due(e)
@@ -236,8 +273,13 @@ class Aggregator:
 
     # -- input -----------------------------------------------------------------------------
 
-    def note(self, key: Key, kind: HintKind, now: float, stat: FileStat | None = None) -> None:
-        """Record one hint. ``stat`` is only meaningful with ``scanned``."""
+    def note(self, key: Key, kind: HintKind, now: float, wall: float, stat: FileStat | None = None) -> None:
+        """Record one hint. ``stat`` is only meaningful with ``scanned``.
+
+        ``wall`` is the wall clock now, used only with ``stat``: the scan took that stat earlier,
+        so the file may look a little older than it is. That only brings the first check
+        forward; the check itself takes a fresh stat.
+        """
         root, relpath = key
         if kind == "rescan":
             self._note_rescan(key, now, self._drop_under(root, relpath))
@@ -254,7 +296,9 @@ class Aggregator:
                 deleted=kind == "deleted",
             )
             if kind == "scanned" and stat is not None:
-                e.last_check, e.stat = now, stat
+                self._observe(e, stat, now, wall)
+                # The change the scan saw is this key's last event (if it is in the past).
+                e.last_event = now - min(max(_age(stat, wall), 0.0), e.quiet)
             self._schedule(key, e)
             self._entries[key] = e
             members = self._by_dir.setdefault((root, _parent(relpath)), set())
@@ -272,7 +316,7 @@ class Aggregator:
             if e.deleted:
                 e.deleted, e.terminal = False, True
             if e.last_check is None and stat is not None:
-                e.last_check, e.stat = now, stat
+                self._observe(e, stat, now, wall)
         else:
             e.deleted = False
             if kind == "modified":
@@ -360,8 +404,14 @@ class Aggregator:
                 batch.checks.append(key)
         return batch
 
-    def checked(self, key: Key, observed: Observation, now: float) -> Ready | Gone | StatFailed | None:
-        """Apply a re-stat of a key returned by ``due``: an output, or None when re-armed."""
+    def checked(
+        self, key: Key, observed: Observation, now: float, wall: float
+    ) -> Ready | Gone | StatFailed | None:
+        """Apply a re-stat of a key returned by ``due``: an output, or None when re-armed.
+
+        ``wall`` must be read *before* the stat: then "changed at least q before ``wall``" implies
+        "unchanged for q when the stat was taken", however slow the stat was.
+        """
         e = self._entries.get(key)
         if e is None:
             return None
@@ -371,28 +421,35 @@ class Aggregator:
         overdue = now >= e.first_seen + self.max_delay
         if observed is None:
             e.deleted = True
-            e.last_check, e.stat = now, None
+            e.last_check, e.stat, e.old_at = now, None, None
             if now >= self._file_due(e):
                 self._remove(key)
                 return Gone(*key)
-        elif e.deleted:
-            # Back (recreated, or the delete was half of a rename over it): a fresh observation.
-            e.deleted, e.terminal = False, True
-            e.last_check, e.stat = now, observed
         else:
-            stable = e.stat == observed and e.last_check is not None and now >= e.last_check + e.quiet
+            if e.deleted:
+                # Back (recreated, or the delete was half of a rename over it): a fresh observation,
+                # so only its age can make it ready now.
+                e.deleted, e.terminal, e.stat = False, True, None
+            same = e.stat == observed and e.last_check is not None and now >= e.last_check + e.quiet
+            old = self._observe(e, observed, now, wall)
             quiet = now >= e.last_event + e.quiet
-            if stable and (e.terminal or overdue) and (quiet or overdue):
+            if (same or old) and (e.terminal or overdue) and (quiet or overdue):
                 self._remove(key)
                 return Ready(key[0], key[1], observed)
-            e.last_check, e.stat = now, observed
         e.due_at = _CHECKING
         self._schedule(key, e)
         return None
 
 
-def _stat_all(stat: Callable[[int, str], Observation], keys: Iterable[Key]) -> list[Observation]:
-    return [stat(root, relpath) for root, relpath in keys]
+def _stat_all(
+    stat: Callable[[int, str], Observation], wall: Callable[[], float], keys: Iterable[Key]
+) -> list[tuple[float, Observation]]:
+    """Each key's wall-clock reading, taken just before its stat, and the stat."""
+    return [(wall(), stat(root, relpath)) for root, relpath in keys]
+
+
+def _note(aggregator: Aggregator, hint: PathHint, now: float, wall: float) -> None:
+    aggregator.note((hint.root_index, hint.relpath), hint.kind, now, wall, hint.stat)
 
 
 async def settle_stage(
@@ -402,6 +459,7 @@ async def settle_stage(
     aggregator: Aggregator,
     stat: Callable[[int, str], Observation],
     clock: Callable[[], float],
+    wall: Callable[[], float],
     stop: asyncio.Event,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
@@ -409,7 +467,8 @@ async def settle_stage(
 
     ``stat(root_index, relpath)`` re-stats a path (e.g. ``scan.stat_path`` on the joined path);
     a batch of due keys is stat'ed in one worker thread so a slow share never blocks the loop.
-    ``clock`` is monotonic seconds and ``sleep`` waits on that clock (inject both in tests).
+    ``clock`` is monotonic seconds and ``sleep`` waits on that clock (inject both in tests);
+    ``wall`` is the wall clock (``time.time``), only compared with file mtimes and ctimes.
     Putting to ``out`` waits when it is full: back-pressure reaches the watcher, which then
     asks for a rescan instead of blocking.
     """
@@ -422,14 +481,14 @@ async def settle_stage(
                     hint = hints.get_nowait()
                 except asyncio.QueueEmpty:
                     break
-                aggregator.note((hint.root_index, hint.relpath), hint.kind, clock(), hint.stat)
+                _note(aggregator, hint, clock(), wall())
             batch = aggregator.due(clock())
             results: list[Settled] = list(batch.rescans)
             if batch.checks:
-                observed = await asyncio.to_thread(_stat_all, stat, batch.checks)
+                observed = await asyncio.to_thread(_stat_all, stat, wall, batch.checks)
                 now = clock()
-                for key, obs in zip(batch.checks, observed, strict=True):
-                    result = aggregator.checked(key, obs, now)
+                for key, (seen_at, obs) in zip(batch.checks, observed, strict=True):
+                    result = aggregator.checked(key, obs, now, seen_at)
                     if result is not None:
                         results.append(result)
             results.sort(key=lambda r: isinstance(r, Gone))  # stable: deletions last
@@ -452,7 +511,7 @@ async def settle_stage(
             if getter.done():
                 hint = getter.result()
                 getter = None
-                aggregator.note((hint.root_index, hint.relpath), hint.kind, clock(), hint.stat)
+                _note(aggregator, hint, clock(), wall())
     finally:
         stopper.cancel()
         if getter is not None:
