@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -62,7 +63,7 @@ def parse_size(value: object) -> object:
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _UNITS:
             raise ValueError(f"not a size: {value!r} (use bytes or a unit like 512KiB, 32MiB, 2GB)")
-        return int(float(match.group(1)) * _UNITS[unit])
+        return int(Decimal(match.group(1)) * _UNITS[unit])  # exact: float loses bytes past 2**53
     return value
 
 
