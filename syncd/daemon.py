@@ -689,9 +689,12 @@ def _client(config: Config, base_url: str, api_key: str) -> FilesClient:
     )
 
 
-def _configure_logging(config: Config, extra_secrets: tuple[str, ...] = ()) -> None:
+def _configure_logging(config: Config, extra_secrets: tuple[str, ...] = (), *, quiet: bool = False) -> None:
     secrets_ = tuple(s for s in (config.api_key.get_secret_value() if config.api_key else None,) if s)
-    logs.configure(fmt=config.log.format, level=config.log.level, secrets=secrets_ + extra_secrets)
+    level = config.log.level
+    if quiet and level in ("debug", "info"):
+        level = "warning"
+    logs.configure(fmt=config.log.format, level=level, secrets=secrets_ + extra_secrets)
 
 
 async def sync_pass(pipe: Pipeline) -> None:
@@ -739,8 +742,12 @@ def _summary_code(pipe: Pipeline) -> int:
 
 
 def sync_once(config: Config, *, progress: bool) -> int:
-    """`syncd sync --once`: one pass; 0 when every file is synced, 1 with a summary otherwise."""
-    _configure_logging(config)
+    """`syncd sync --once`: one pass; 0 when every file is synced, 1 with a summary otherwise.
+
+    With the progress bar (a TTY), per-file lines would scroll it away: only warnings and errors are
+    logged, and the bar's last state is the summary (rclone's `--progress` behaves the same way).
+    """
+    _configure_logging(config, quiet=progress)
     api_key = _api_key(config)
     with StateLock(config.state_dir) as lock:
         manifest = Manifest.open(lock)
