@@ -129,8 +129,10 @@ def build_roots(config: Config) -> list[Root]:
 
 
 def _file_filter(root: Root) -> Callable[[str, int], bool]:
+    """The files of a root that are synced: what the rules accept, never the root's marker file."""
     accepts = root.rules.accepts
-    return lambda relpath, size: accepts(relpath, size) is None
+    marker = root.watch.marker
+    return lambda relpath, size: relpath != marker and accepts(relpath, size) is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -778,7 +780,76 @@ async def _run_once(
 
 
 def reconcile_once(config: Config, *, dry_run: bool, confirm: bool) -> int:
-    raise ConfigError("reconcile is not implemented yet")
+    """`syncd reconcile --once`: a sync pass, then one reconcile run (design §4).
+
+    `--dry-run` runs no sync pass (it would upload): a read-only look at the roots stands in for it, and
+    the plan is printed, one line per action, with nothing changed anywhere.
+    """
+    _configure_logging(config)
+    api_key = _api_key(config)
+    with StateLock(config.state_dir) as lock:
+        manifest = Manifest.open(lock)
+        try:
+            return asyncio.run(_reconcile_once(config, manifest, api_key, dry_run=dry_run, confirm=confirm))
+        finally:
+            manifest.close()
+
+
+async def _reconcile_once(
+    config: Config, manifest: Manifest, api_key: str, *, dry_run: bool, confirm: bool
+) -> int:
+    from syncd.reconcile import observe_local, reconcile
+
+    async with _client(config, config.remote.base_url, api_key) as client:
+        if dry_run:
+            now = time.time()
+            view = await asyncio.to_thread(observe_local, build_roots(config), manifest, now=now)
+            report = await reconcile(
+                manifest,
+                client,
+                settings=config.reconcile,
+                unavailable=view.unavailable,
+                now=now,
+                dry_run=True,
+                confirm=confirm,
+                assume_deleted=view.gone,
+            )
+            print(report.render() or "nothing to do")
+            return report.exit_code
+        code = await _one_pass(config, manifest, client, confirm_roots=confirm)
+        report = await reconcile(
+            manifest,
+            client,
+            settings=config.reconcile,
+            unavailable=_unavailable(manifest, config),
+            now=time.time(),
+            dry_run=False,
+            confirm=confirm,
+        )
+        if report.requeued:
+            # Remote copies that vanished behind our back: upload them again in this same run.
+            code = max(code, await _one_pass(config, manifest, client, confirm_roots=confirm))
+        return max(code, report.exit_code)
+
+
+async def _one_pass(config: Config, manifest: Manifest, client: FilesClient, *, confirm_roots: bool) -> int:
+    pipe = Pipeline(config, manifest, client, confirm_roots=confirm_roots)
+    try:
+        await sync_pass(pipe)
+        return _summary_code(pipe)
+    finally:
+        await pipe.close()
+
+
+def _unavailable(manifest: Manifest, config: Config) -> dict[int, str]:
+    """root_id → reason, from the notes the last pass left (a held root's rows never count as deleted)."""
+    notes = manifest.notes()
+    configured = {str(w.path) for w in config.watch}
+    return {
+        r.root_id: notes[f"root:{r.path}"]
+        for r in manifest.roots()
+        if r.path in configured and f"root:{r.path}" in notes
+    }
 
 
 # the daemon
@@ -989,13 +1060,39 @@ async def _run_pipeline(
                     else:
                         await pipe.scan_root(root, under=under)
 
+    scanned_once = [asyncio.Event() for _ in roots]
+
     async def rescans(root: Root) -> None:
         """The startup scan, then a full rescan every rescan_interval or when the watcher lost events."""
         wake = rescan_now[root.index]
         while not halt.is_set():
             wake.clear()
             await pipe.scan_root(root)
+            scanned_once[root.index].set()
             await _sleep_or(wake, root.watch.rescan_interval)
+
+    async def reconciler() -> None:
+        """Every reconcile.interval_seconds, once every root was scanned: list, plan, prune (design §4)."""
+        from syncd.reconcile import reconcile
+
+        for done in scanned_once:
+            await done.wait()
+        while not halt.is_set():
+            await _sleep_or(halt, config.reconcile.interval_seconds)
+            if halt.is_set():
+                return
+            for root in roots:
+                await pipe.register_root(root)  # fresh guards: a root may have vanished since its scan
+            await reconcile(
+                pipe.manifest,
+                pipe.client,
+                settings=config.reconcile,
+                unavailable=dict(pipe.unavailable),
+                now=time.time(),
+                dry_run=False,
+                confirm=False,
+            )
+            # Re-queued rows (remote copies that vanished) are picked up by the sweeper's retry pass.
 
     async def sweeper() -> None:
         """Rows due for a retry go back through the quick check; missing rows past grace become deleted."""
@@ -1065,7 +1162,7 @@ async def _run_pipeline(
         await pipe.close()
         raise ConfigError(f'{config.source}: watch.mode = "inotify": {exc}') from None
     sources = [asyncio.create_task(rescans(r)) for r in roots]
-    sources += [asyncio.create_task(t()) for t in (sweeper, status, committer)]
+    sources += [asyncio.create_task(t()) for t in (sweeper, status, committer, reconciler)]
     notifier.ready(f"watching {len(roots)} folder(s)")
     log.info("watching", roots=[str(r.path) for r in roots])
     try:

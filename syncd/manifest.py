@@ -350,11 +350,12 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         for step in MIGRATIONS[found:]:
             step(conn)
-        conn.execute(
-            "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
-            " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-            (str(SCHEMA_VERSION),),
-        )
+        if found != SCHEMA_VERSION:  # an up-to-date manifest is not written to (a dry run writes nothing)
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
     except BaseException:
         conn.execute("ROLLBACK")
         raise
