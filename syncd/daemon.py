@@ -167,21 +167,29 @@ def _scan_thread(
         errors: list[tuple[str, str]] = []
         recursive = root.watch.recursive
         ignores_dir = root.rules.ignores_dir
+        seen_unchanged = index.seen_unchanged
+        settled = frozenset(_SETTLED)
+
+        def known(relpath: str, st: os.stat_result) -> bool:
+            """Unchanged and settled: one stat, nothing else (design §3 quick check).
+
+            Once `abort` is set, answers False: the file is yielded and the loop below stops the walk.
+            """
+            state = seen_unchanged(relpath, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            return state in settled and not abort.is_set()
+
         for result in walk(
             str(root.path),
             under=under,
             ignores_dir=(lambda rel: True) if not recursive else ignores_dir,
             wanted=_file_filter(root),
+            known=known,
         ):
             if abort.is_set():
                 return _ScanDone(root, root_id, [], [], [], errors)
             if result.stat is None:
                 errors.append((result.relpath, result.error or "unknown error"))
                 continue
-            st = result.stat
-            state = index.seen_unchanged(result.relpath, st.size, st.mtime_ns, st.ctime_ns, st.inode)
-            if state is not None and state not in (State.QUEUED, State.UPLOADING, State.DELETED):
-                continue  # unchanged: one stat, nothing else (design §3 quick check)
             batch.append(Candidate(root, root_id, result.relpath, result.stat))
             if len(batch) >= SCAN_BATCH:
                 deliver(batch)

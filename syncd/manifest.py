@@ -554,13 +554,18 @@ class ManifestReader:
     # remote references
 
     def local_copies(self, md5: str, purpose: str) -> list[RemoteRef]:
-        """Remote files this manifest already syncs with this content and purpose (no network needed)."""
-        rows = self._conn.execute(
-            "SELECT DISTINCT remote_id, remote_created_at FROM files"
-            " WHERE md5=? AND purpose=? AND state='synced' AND remote_id IS NOT NULL",
-            (md5, purpose),
-        ).fetchall()
-        return [RemoteRef(r[0], r[1]) for r in rows]
+        """Remote files this manifest already syncs with this content and purpose (no network needed).
+
+        A sample, not all of them: a few owned ones first, then a few of any kind. Any one holds the
+        content, and a DISTINCT over every row made 100,000 copies of one file quadratic (measured).
+        """
+        sql = (
+            "SELECT remote_id, remote_created_at FROM files WHERE md5=? AND purpose=? AND state='synced'"
+            " AND remote_id IS NOT NULL {} LIMIT 4"
+        )
+        rows = self._conn.execute(sql.format("AND owned=1"), (md5, purpose)).fetchall()
+        rows += self._conn.execute(sql.format(""), (md5, purpose)).fetchall()
+        return [RemoteRef(rid, created) for rid, created in dict(rows).items()]
 
     def live_refs(self, remote_id: str) -> int:
         """How many paths currently hold this remote file (only ``synced`` rows count)."""

@@ -218,7 +218,8 @@ def plan_reconcile(
     owned = {o.remote_id: o for o in ledger}
     retention: dict[str, float] = {str(k): v for k, v in settings.retention_days.items()}
     expiring = {
-        rid for rid in owned
+        rid
+        for rid in owned
         if rid in listing and _retention_passed(listing[rid].created_at, listing[rid].purpose, retention, now)
     }
     deleted: dict[str | None, list[Entry]] = defaultdict(list)
@@ -253,14 +254,26 @@ def plan_reconcile(
     kept: list[Kept] = []
     # Not listed but past retention: a crash came between the delete and the commit; finish, never re-upload.
     expired_gone = {
-        rid for rid, group in synced.items()
-        if rid in owned and _retention_passed(
+        rid
+        for rid, group in synced.items()
+        if rid in owned
+        and _retention_passed(
             owned[rid].created_at if owned[rid].created_at is not None else group[0].remote_created_at,
-            group[0].purpose, retention, now)
+            group[0].purpose,
+            retention,
+            now,
+        )
     }
     for rid in sorted(expiring | expired_gone):
-        actions.append(Prune(rid, Why.EXPIRED, rid in expiring, remove=_keys(deleted.pop(rid, ())),
-                             expire=_keys(synced.pop(rid, ()))))
+        actions.append(
+            Prune(
+                rid,
+                Why.EXPIRED,
+                rid in expiring,
+                remove=_keys(deleted.pop(rid, ())),
+                expire=_keys(synced.pop(rid, ())),
+            )
+        )
     for maybe_rid, group in sorted(deleted.items(), key=lambda kv: (kv[0] is not None, kv[0] or "")):
         remove = _keys(group)
         if maybe_rid is None:
@@ -293,8 +306,15 @@ def plan_reconcile(
             kept.append(Kept(rid, "a queued file with the same content will reuse it"))
         else:
             actions.append(Prune(rid, Why.OLD_VERSION, True))
-    return _guard(actions, kept, owned_listed=sum(1 for rid in owned if rid in listing), settings=settings,
-                  unavailable=unavailable, confirm=confirm, root_paths=root_paths or {})
+    return _guard(
+        actions,
+        kept,
+        owned_listed=sum(1 for rid in owned if rid in listing),
+        settings=settings,
+        unavailable=unavailable,
+        confirm=confirm,
+        root_paths=root_paths or {},
+    )
 
 
 def _keys(group: Iterable[Entry]) -> tuple[FileKey, ...]:
@@ -325,8 +345,10 @@ def _guard(
         else:
             allowed.append(action)
     for root, reason in sorted(unavailable.items()):
-        guards.append(f"root-unavailable: {root_paths.get(root, f'root {root}')}: {reason}; none of its"
-                      f" files count as deleted ({held_roots.get(root, 0)} action(s) held)")
+        guards.append(
+            f"root-unavailable: {root_paths.get(root, f'root {root}')}: {reason}; none of its"
+            f" files count as deleted ({held_roots.get(root, 0)} action(s) held)"
+        )
     deleting = [a for a in allowed if isinstance(a, Prune) and a.listed]
     n = len(deleting)
     guard: str | None = None
@@ -335,8 +357,10 @@ def _guard(
         why = f"the plan deletes {n} remote files, more than max_delete = {settings.max_delete}"
     elif n > FRACTION_MIN_DELETES and n > settings.max_delete_fraction * owned_listed:
         guard = "max-delete-fraction"
-        why = (f"the plan deletes {n} of {owned_listed} remote files syncd owns, more than"
-               f" max_delete_fraction = {settings.max_delete_fraction:g}")
+        why = (
+            f"the plan deletes {n} of {owned_listed} remote files syncd owns, more than"
+            f" max_delete_fraction = {settings.max_delete_fraction:g}"
+        )
     if guard is not None and not confirm:
         guards.append(f"{guard}: {why}; run `syncd reconcile --once --confirm` to apply it")
         held.extend(Held(a, guard, why) for a in deleting)
@@ -390,8 +414,9 @@ def observe_local(roots: Sequence[RootLike], reader: ManifestReader, *, now: flo
             continue
         seen: set[str] = set()
         moved: set[tuple[int, int]] = set()
-        for result in walk(str(root.path), ignores_dir=rules.ignores_dir if root.watch.recursive
-                           else (lambda rel: True)):
+        for result in walk(
+            str(root.path), ignores_dir=rules.ignores_dir if root.watch.recursive else (lambda rel: True)
+        ):
             seen.add(result.relpath)
             if result.stat is not None:
                 moved.add((result.stat.inode, result.stat.size))
@@ -453,8 +478,10 @@ class ReconcileReport:
 
 
 def _paths(keys: Iterable[FileKey], roots: Mapping[int, str]) -> str:
-    shown = [os.path.join(roots[k.root_id], k.relpath) if k.root_id in roots else f"{k.root_id}:{k.relpath}"
-             for k in keys]
+    shown = [
+        os.path.join(roots[k.root_id], k.relpath) if k.root_id in roots else f"{k.root_id}:{k.relpath}"
+        for k in keys
+    ]
     return ", ".join(shown)
 
 
@@ -502,8 +529,15 @@ async def reconcile(
             manifest.commit()
         return ReconcileReport(dry_run, None, error=failed, root_paths=root_paths)
     plan = plan_reconcile(
-        manifest.iter_all(), manifest.owned_remotes(), listing, settings=settings, unavailable=unavailable,
-        now=now, confirm=confirm, assume_deleted=assume_deleted, root_paths=root_paths,
+        manifest.iter_all(),
+        manifest.owned_remotes(),
+        listing,
+        settings=settings,
+        unavailable=unavailable,
+        now=now,
+        confirm=confirm,
+        assume_deleted=assume_deleted,
+        root_paths=root_paths,
     )
     for guard in plan.guards:
         log.error("reconcile held", guard=guard)
@@ -519,9 +553,14 @@ async def reconcile(
     else:
         manifest.clear_note(NOTE_ERROR)
     manifest.commit()
-    log.info("reconcile done", applied=len(applied), planned=len(plan.actions), held=len(plan.held),
-             deleted=sum(1 for a in applied if isinstance(a, Prune) and a.listed),
-             requeued=sum(len(a.rows) for a in applied if isinstance(a, Requeue)))
+    log.info(
+        "reconcile done",
+        applied=len(applied),
+        planned=len(plan.actions),
+        held=len(plan.held),
+        deleted=sum(1 for a in applied if isinstance(a, Prune) and a.listed),
+        requeued=sum(len(a.rows) for a in applied if isinstance(a, Requeue)),
+    )
     return ReconcileReport(False, plan, tuple(applied), error, root_paths)
 
 
@@ -558,8 +597,9 @@ async def _apply(
         _finish_prune(manifest, prune)
         manifest.commit()
         applied.append(prune)
-        log.info("pruned", remote_id=prune.remote_id, why=prune.why.value,
-                 paths=[k.relpath for k in prune.keys])
+        log.info(
+            "pruned", remote_id=prune.remote_id, why=prune.why.value, paths=[k.relpath for k in prune.keys]
+        )
     return applied, None
 
 
@@ -576,8 +616,9 @@ def _requeue(manifest: Manifest, action: Requeue) -> None:
     for planned in action.rows:
         entry = manifest.get(planned.key)
         if entry is not None and entry.state is State.SYNCED and entry.remote_id == action.remote_id:
-            manifest.mark_queued(entry.key, xxh3=entry.xxh3, md5=entry.md5, purpose=entry.purpose,
-                                 stat=entry.stat)
+            manifest.mark_queued(
+                entry.key, xxh3=entry.xxh3, md5=entry.md5, purpose=entry.purpose, stat=entry.stat
+            )
     if action.forget and manifest.live_refs(action.remote_id) == 0:
         manifest.forget_owned(action.remote_id)
 
@@ -591,6 +632,7 @@ def _finish_prune(manifest: Manifest, prune: Prune) -> None:
             if prune.why is Why.EXPIRED:
                 manifest.mark_expired(entry.key)
             else:  # synced to it after the plan was made: upload that path again
-                manifest.mark_queued(entry.key, xxh3=entry.xxh3, md5=entry.md5, purpose=entry.purpose,
-                                     stat=entry.stat)
+                manifest.mark_queued(
+                    entry.key, xxh3=entry.xxh3, md5=entry.md5, purpose=entry.purpose, stat=entry.stat
+                )
     manifest.forget_owned(prune.remote_id)

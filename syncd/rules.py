@@ -17,7 +17,8 @@ Choices (design §6 is silent on them):
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pathspec import GitIgnoreSpec
@@ -87,7 +88,7 @@ class CompiledRules:
         default_purpose: str,
         fingerprint: str = "",
     ) -> None:
-        self._ignore = ignore
+        self._ignore = _fast(ignore)
         self._include = include
         self._max_file_size = max_file_size
         self._purposes = tuple(purposes)
@@ -101,7 +102,7 @@ class CompiledRules:
         parent, sep, _ = reldir.rpartition("/")
         if sep and self._dir_ignored(parent):
             return True
-        return self._ignore.match_file(reldir + "/")
+        return self._ignore(reldir + "/")
 
     def ignores_dir(self, relpath: str) -> bool:
         """True when the walk must not descend into this directory (it or an ancestor is ignored).
@@ -114,7 +115,7 @@ class CompiledRules:
         """None when the file is synced, else a short reason ("ignored", "not included", "too large")."""
         relpath = _matchable(relpath)
         parent, sep, _ = relpath.rpartition("/")
-        if (sep and self._dir_ignored(parent)) or self._ignore.match_file(relpath):
+        if (sep and self._dir_ignored(parent)) or self._ignore(relpath):
             return IGNORED
         if self._include is not None and not self._include.match_file(relpath):
             return NOT_INCLUDED
@@ -129,6 +130,25 @@ class CompiledRules:
             if spec.match_file(relpath):
                 return purpose
         return self.default_purpose
+
+
+_GROUP_NAME = re.compile(r"\(\?P<\w+>")
+
+
+def _fast(spec: GitIgnoreSpec) -> Callable[[str], bool]:
+    """``spec.match_file`` as one regex when no pattern is a negation (the defaults, most configs).
+
+    Without negations, gitignore semantics reduce to "any pattern matches"; one alternation is ~3x
+    faster than pathspec's loop over the patterns (measured on a 100,000-file no-change pass, where
+    this check is a third of the walk's cost). With a negation, order matters: pathspec decides.
+    """
+    regexes = [getattr(p, "regex", None) for p in spec.patterns if p.include is not None]
+    if any(p.include is False for p in spec.patterns) or any(r is None for r in regexes):
+        return spec.match_file
+    if not regexes:
+        return lambda relpath: False
+    combined = re.compile("|".join(f"(?:{_GROUP_NAME.sub('(?:', r.pattern)})" for r in regexes if r))
+    return lambda relpath: combined.match(relpath) is not None
 
 
 def _matchable(relpath: str) -> str:

@@ -125,12 +125,15 @@ def walk(
     ignores_dir: Callable[[str], bool] | None = None,
     wanted: Callable[[str, int], bool] | None = None,
     stats: ScanStats | None = None,
+    known: Callable[[str, os.stat_result], bool] | None = None,
 ) -> Iterator[ScanResult]:
     """Yield one ``ScanResult`` per regular file below ``root`` (or below ``root/under``).
 
     - ``ignores_dir(relpath)``: an ignored directory is skipped without descending into it.
     - ``wanted(relpath, size)``: files it rejects are skipped (counted). Leave it out to get
       every regular file and let the caller decide (e.g. not to treat an ignored file as deleted).
+    - ``known(relpath, stat)``: files it answers True for (unchanged since the last scan) are not
+      yielded: on a no-change pass no record is built for any file.
     - A missing root yields one error record for ``""`` (a vanished root must never look like
       an empty one); a missing ``under`` directory or a directory removed mid-walk yields
       nothing (its files are gone); an unreadable directory or file yields one error record.
@@ -184,6 +187,8 @@ def walk(
                         counters.ignored_files += 1
                         continue
                     counters.files += 1
+                    if known is not None and known(rel, st):
+                        continue
                     yield ScanResult(rel, _file_stat(st), None)
             except OSError as exc:
                 # readdir itself failed part-way (EIO, ESTALE): report the directory once.
