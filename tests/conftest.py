@@ -158,8 +158,11 @@ class DaemonProcess:
 
     def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
         """Log records whose event is `event` and whose fields include `fields`."""
-        return [r for r in self.logs()
-                if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())]
+        return [
+            r
+            for r in self.logs()
+            if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())
+        ]
 
     def tail(self, n: int = 40) -> str:
         lines = self.stdout_path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]
@@ -168,8 +171,12 @@ class DaemonProcess:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """The watchers run and the startup scan is queued (the daemon logged "watching")."""
-        wait_for(lambda: self.logged("watching") or not self.alive(), timeout=timeout,
-                 what="the daemon to log 'watching'", diagnose=self.tail)
+        wait_for(
+            lambda: self.logged("watching") or not self.alive(),
+            timeout=timeout,
+            what="the daemon to log 'watching'",
+            diagnose=self.tail,
+        )
         assert self.alive(), f"daemon exited early with {self.proc.returncode}\n{self.tail()}"
 
     def stop(self, timeout: float = 40.0) -> int:
@@ -215,17 +222,31 @@ class Syncd:
         retries: int = 2,
     ) -> None:
         lines = [
-            "[remote]", f"base_url = {json.dumps(self.server.base_url)}", f"concurrency = {concurrency}",
-            f"retries = {retries}", "timeout = 10.0",
-            "[state]", f"dir = {json.dumps(str(self.state_dir))}",
-            "[log]", 'format = "json"', 'level = "debug"',
-            "[[watch]]", f"path = {json.dumps(str(self.root))}", 'purpose = "assistants"', f'mode = "{mode}"',
-            f"settle_seconds = {settle}", f"settle_max_seconds = {max(30.0, settle)}",
-            f"delete_grace_seconds = {delete_grace}", f"rescan_interval = {rescan}",
+            "[remote]",
+            f"base_url = {json.dumps(self.server.base_url)}",
+            f"concurrency = {concurrency}",
+            f"retries = {retries}",
+            "timeout = 10.0",
+            "[state]",
+            f"dir = {json.dumps(str(self.state_dir))}",
+            "[log]",
+            'format = "json"',
+            'level = "debug"',
+            "[[watch]]",
+            f"path = {json.dumps(str(self.root))}",
+            'purpose = "assistants"',
+            f'mode = "{mode}"',
+            f"settle_seconds = {settle}",
+            f"settle_max_seconds = {max(30.0, settle)}",
+            f"delete_grace_seconds = {delete_grace}",
+            f"rescan_interval = {rescan}",
         ]
         for pattern, purpose in rules:
-            lines += ["[[watch.rules]]", f"pattern = {json.dumps(pattern)}",
-                      f"purpose = {json.dumps(purpose)}"]
+            lines += [
+                "[[watch.rules]]",
+                f"pattern = {json.dumps(pattern)}",
+                f"purpose = {json.dumps(purpose)}",
+            ]
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def env(self) -> dict[str, str]:
@@ -240,8 +261,9 @@ class Syncd:
 
     def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run one syncd command to completion (stdout: JSON log lines or command output)."""
-        return subprocess.run(self._argv(*args), env=self.env(), capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        return subprocess.run(
+            self._argv(*args), env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
+        )
 
     def sync_once(self, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return self.cli("sync", "--once", timeout=timeout)
@@ -257,8 +279,9 @@ class Syncd:
         n = len(self.daemons)
         out, err = self.workdir / f"daemon-{n}.out", self.workdir / f"daemon-{n}.err"
         with out.open("wb") as stdout, err.open("wb") as stderr:
-            proc = subprocess.Popen(self._argv("run"), env=self.env(), stdout=stdout, stderr=stderr,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                self._argv("run"), env=self.env(), stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
+            )
         daemon = DaemonProcess(proc, out, err)
         self.daemons.append(daemon)
         return daemon
@@ -294,7 +317,10 @@ class Syncd:
         return got
 
     def wait_synced(
-        self, *relpaths: str, md5: dict[str, str] | None = None, timeout: float = 20.0,
+        self,
+        *relpaths: str,
+        md5: dict[str, str] | None = None,
+        timeout: float = 20.0,
         daemon: DaemonProcess | None = None,
     ) -> dict[str, Entry]:
         def diagnose() -> str:

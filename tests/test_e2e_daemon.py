@@ -108,8 +108,9 @@ class TestEventDriven:
                 held.flush()
                 time.sleep(SETTLE * 0.4)
         final = md5_of(b"".join(chunks))
-        rows = live.wait_synced("slow-reopen.pdf", "slow-open.pdf",
-                                md5={"slow-reopen.pdf": final, "slow-open.pdf": final})
+        rows = live.wait_synced(
+            "slow-reopen.pdf", "slow-open.pdf", md5={"slow-reopen.pdf": final, "slow-open.pdf": final}
+        )
         assert live.w.server.stats.uploads == uploads + 1, "same content, same purpose: one remote file"
         [remote_id] = {r.remote_id for r in rows.values()}
         [item] = [f for f in live.w.remote() if f["id"] == remote_id]
@@ -232,8 +233,11 @@ class TestEventDriven:
         outside.write_bytes(b"top secret")
         outside.chmod(0)
         os.rename(outside, live.w.root / "secret.bin")  # appears complete and already unreadable
-        wait_for(lambda: live.unreadable_logs("secret.bin"), what="the unreadable file to be logged",
-                 diagnose=live.daemon.tail)
+        wait_for(
+            lambda: live.unreadable_logs("secret.bin"),
+            what="the unreadable file to be logged",
+            diagnose=live.daemon.tail,
+        )
         # More events on it (attrib, mtime) and more work elsewhere: still logged only once.
         os.utime(live.w.root / "secret.bin")
         (live.w.root / "secret.bin").chmod(0)
@@ -292,8 +296,11 @@ def test_sigterm_drains_an_upload_in_flight_and_exits_0(
     w = syncd_factory(server)
     (w.root / "inflight.pdf").write_bytes(b"drained, not abandoned")
     daemon = w.start()
-    wait_for(lambda: (row := w.rows().get("inflight.pdf")) is not None and row.state is State.UPLOADING,
-             what="the upload to start", diagnose=daemon.tail)
+    wait_for(
+        lambda: (row := w.rows().get("inflight.pdf")) is not None and row.state is State.UPLOADING,
+        what="the upload to start",
+        diagnose=daemon.tail,
+    )
     assert daemon.stop() == 0
     row = w.rows()["inflight.pdf"]
     assert row.state is State.SYNCED, row
@@ -312,11 +319,21 @@ def test_kill_9_after_the_upload_landed_is_resolved_on_restart_without_a_second_
     data = b"interrupted upload " * 1000
     (w.root / "big.pdf").write_bytes(data)
     first = w.start()
-    wait_for(lambda: (row := w.rows().get("big.pdf")) is not None and row.state is State.UPLOADING
-             and server.stats.uploads == 1, what="the upload to be sent", diagnose=first.tail)
+    wait_for(
+        lambda: (
+            (row := w.rows().get("big.pdf")) is not None
+            and row.state is State.UPLOADING
+            and server.stats.uploads == 1
+        ),
+        what="the upload to be sent",
+        diagnose=first.tail,
+    )
     first.kill9()
-    wait_for(lambda: [f for f in w.remote() if f["filename"] == "big.pdf"], timeout=15,
-             what="the interrupted upload to be stored")
+    wait_for(
+        lambda: [f for f in w.remote() if f["filename"] == "big.pdf"],
+        timeout=15,
+        what="the interrupted upload to be stored",
+    )
     assert w.rows()["big.pdf"].state is State.UPLOADING
 
     second = w.start()
@@ -340,8 +357,11 @@ def test_kill_9_during_a_slow_round_trip_leaves_one_owned_remote_copy_after_rest
     data = b"never arrived " * 1000
     (w.root / "big.pdf").write_bytes(data)
     first = w.start()
-    wait_for(lambda: (row := w.rows().get("big.pdf")) is not None and row.state is State.UPLOADING,
-             what="the upload intent to be recorded", diagnose=first.tail)
+    wait_for(
+        lambda: (row := w.rows().get("big.pdf")) is not None and row.state is State.UPLOADING,
+        what="the upload intent to be recorded",
+        diagnose=first.tail,
+    )
     first.kill9()
 
     second = w.start()
@@ -381,8 +401,12 @@ def test_restart_on_an_unchanged_tree_of_2000_files_uploads_and_hashes_nothing(
     w.launcher = launcher
     daemon = w.start()
     daemon.wait_ready()
-    wait_for(lambda: (row := w.rows().get("gone.txt")) is not None and row.missing_since is not None,
-             timeout=60, what="the startup scan to finish (gone.txt marked missing)", diagnose=daemon.tail)
+    wait_for(
+        lambda: (row := w.rows().get("gone.txt")) is not None and row.missing_since is not None,
+        timeout=60,
+        what="the startup scan to finish (gone.txt marked missing)",
+        diagnose=daemon.tail,
+    )
     after = server.stats.snapshot()
     for counter in ("uploads", "presigned_puts", "hash_lookups", "lists"):
         assert after[counter] == before[counter], counter

@@ -75,8 +75,15 @@ class Harness:
         raw: dict[str, Any] = {
             "remote": {"base_url": server.base_url},
             "state": {"dir": str(self.state)},
-            "watch": [{"path": str(self.root), "delete_grace_seconds": 0, "settle_seconds": 0,
-                       "purpose": "assistants", **(watch or {})}],
+            "watch": [
+                {
+                    "path": str(self.root),
+                    "delete_grace_seconds": 0,
+                    "settle_seconds": 0,
+                    "purpose": "assistants",
+                    **(watch or {}),
+                }
+            ],
             "reconcile": reconcile or {},
         }
         self.config: Config = parse_config(raw, source="test", base=base)
@@ -93,8 +100,9 @@ class Harness:
         return self.clock.now.timestamp()
 
     def client(self, transport: httpx.AsyncBaseTransport | None = None) -> FilesClient:
-        return FilesClient(base_url=self.server.base_url, api_key=self.server.api_key, retries=0,
-                           transport=transport)
+        return FilesClient(
+            base_url=self.server.base_url, api_key=self.server.api_key, retries=0, transport=transport
+        )
 
     async def _pass(self, manifest: Manifest, client: FilesClient, *, confirm: bool = False) -> Pipeline:
         pipe = Pipeline(self.config, manifest, client, clock=self.now, confirm_roots=confirm)
@@ -114,17 +122,29 @@ class Harness:
                 else:
                     pipe = await self._pass(manifest, client, confirm=confirm)
                     unavailable, gone = pipe.unavailable, frozenset()
-                report = await reconcile(manifest, client, settings=self.config.reconcile,
-                                         unavailable=unavailable, now=self.now(), dry_run=dry_run,
-                                         confirm=confirm, assume_deleted=gone)
+                report = await reconcile(
+                    manifest,
+                    client,
+                    settings=self.config.reconcile,
+                    unavailable=unavailable,
+                    now=self.now(),
+                    dry_run=dry_run,
+                    confirm=confirm,
+                    assume_deleted=gone,
+                )
                 if report.requeued:
                     await self._pass(manifest, client)
                 return report
             finally:
                 manifest.close()
 
-    def run(self, *, dry_run: bool = False, confirm: bool = False,
-            transport: httpx.AsyncBaseTransport | None = None) -> ReconcileReport:
+    def run(
+        self,
+        *,
+        dry_run: bool = False,
+        confirm: bool = False,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> ReconcileReport:
         """What ``syncd reconcile --once`` does: a sync pass, a reconcile run, a pass for re-queued rows."""
         if transport is None:
             return self.loop.run_until_complete(self._run(self.api, dry_run=dry_run, confirm=confirm))
@@ -309,8 +329,13 @@ def test_edit_prunes_the_old_version(
 def test_file_past_retention_is_pruned_once_and_not_reuploaded(
     tmp_path: Path, srv: RunningServer, clock: FakeClock, harness: HarnessFactory
 ) -> None:
-    h = harness(tmp_path, srv, clock, watch={"rules": [{"pattern": "*.jsonl", "purpose": "batch"}]},
-                reconcile={"retention_days": {"batch": 1}})
+    h = harness(
+        tmp_path,
+        srv,
+        clock,
+        watch={"rules": [{"pattern": "*.jsonl", "purpose": "batch"}]},
+        reconcile={"retention_days": {"batch": 1}},
+    )
     h.write("job.jsonl", b'{"a": 1}\n')
     h.write("doc.pdf", b"kept forever")
     h.run()

@@ -38,8 +38,23 @@ def row(
     updated_at: float = NOW - 10,
     remote_created_at: float | None = None,
 ) -> Entry:
-    return Entry(root_id, relpath, STAT, "x" + md5, md5, purpose, state, remote_id, False,
-                 remote_created_at, 0, None, None, updated_at, missing_since)
+    return Entry(
+        root_id,
+        relpath,
+        STAT,
+        "x" + md5,
+        md5,
+        purpose,
+        state,
+        remote_id,
+        False,
+        remote_created_at,
+        0,
+        None,
+        None,
+        updated_at,
+        missing_since,
+    )
 
 
 def ledger_for(rows: Iterable[Entry], owned: Mapping[str, float | None]) -> list[OwnedRemote]:
@@ -64,8 +79,15 @@ def plan(
     now: float = NOW,
     **config: Any,
 ) -> Plan:
-    return plan_reconcile(rows, ledger_for(rows, owned), listing, settings=ReconcileConfig(**config),
-                          unavailable=unavailable or {}, now=now, confirm=confirm)
+    return plan_reconcile(
+        rows,
+        ledger_for(rows, owned),
+        listing,
+        settings=ReconcileConfig(**config),
+        unavailable=unavailable or {},
+        now=now,
+        confirm=confirm,
+    )
 
 
 def k(relpath: str, root_id: int = 1) -> FileKey:
@@ -100,8 +122,10 @@ def test_two_deleted_paths_of_one_remote_file_make_one_prune() -> None:
 def test_upload_only_releases_and_forgets_instead_of_pruning() -> None:
     rows = [row("a", State.DELETED, "r1")]
     p = plan(rows, {"r1": NOW - DAY, "old": NOW - DAY}, listed("r1", "old"), prune_deleted=False)
-    assert set(p.actions) == {Release("r1", Why.UPLOAD_ONLY, (k("a"),), forget=True),
-                              Release("old", Why.UPLOAD_ONLY, (), forget=True)}
+    assert set(p.actions) == {
+        Release("r1", Why.UPLOAD_ONLY, (k("a"),), forget=True),
+        Release("old", Why.UPLOAD_ONLY, (), forget=True),
+    }
 
 
 def test_old_version_nobody_holds_is_pruned() -> None:
@@ -117,11 +141,16 @@ def test_queued_copy_with_the_same_content_keeps_the_candidate() -> None:
 
 
 def test_retention_prunes_owned_files_and_expires_their_rows() -> None:
-    rows = [row("a", State.SYNCED, "r1", purpose="batch"), row("b", State.SYNCED, "r2", purpose="batch"),
-            row("c", State.SYNCED, "r3", purpose="batch")]
-    listing = {**listed("r1", purpose="batch", created_at=NOW - 2 * DAY),
-               **listed("r2", purpose="batch", created_at=NOW - 0.5 * DAY),
-               **listed("r3", purpose="batch", created_at=NOW - 2 * DAY)}
+    rows = [
+        row("a", State.SYNCED, "r1", purpose="batch"),
+        row("b", State.SYNCED, "r2", purpose="batch"),
+        row("c", State.SYNCED, "r3", purpose="batch"),
+    ]
+    listing = {
+        **listed("r1", purpose="batch", created_at=NOW - 2 * DAY),
+        **listed("r2", purpose="batch", created_at=NOW - 0.5 * DAY),
+        **listed("r3", purpose="batch", created_at=NOW - 2 * DAY),
+    }
     p = plan(rows, {"r1": None, "r2": None}, listing, retention_days={"batch": 1})
     # r2 is too young; r3 is not ours.
     assert p.actions == (Prune("r1", Why.EXPIRED, True, expire=(k("a"),)),)
@@ -134,8 +163,11 @@ def test_retention_of_other_purposes_does_not_apply() -> None:
 
 
 def test_vanished_remote_requeues_present_rows_owned_or_not() -> None:
-    rows = [row("a", State.SYNCED, "r1"), row("b", State.SYNCED, "adopted"),
-            row("gone", State.SYNCED, "r9", missing_since=NOW - 1)]
+    rows = [
+        row("a", State.SYNCED, "r1"),
+        row("b", State.SYNCED, "adopted"),
+        row("gone", State.SYNCED, "r9", missing_since=NOW - 1),
+    ]
     p = plan(rows, {"r1": NOW - DAY, "r9": NOW - DAY}, {})
     assert p.actions == (Requeue("adopted", (rows[1],), forget=False), Requeue("r1", (rows[0],), forget=True))
 
@@ -158,8 +190,11 @@ def test_a_crash_after_a_retention_delete_expires_rows_instead_of_reuploading() 
 
 
 def test_unavailable_root_holds_everything_about_its_rows() -> None:
-    rows = [row("a", State.DELETED, "r1", root_id=2), row("b", State.SYNCED, "r2", root_id=2),
-            row("c", State.DELETED, "r3", root_id=1)]
+    rows = [
+        row("a", State.DELETED, "r1", root_id=2),
+        row("b", State.SYNCED, "r2", root_id=2),
+        row("c", State.DELETED, "r3", root_id=1),
+    ]
     owned: dict[str, float | None] = {"r1": None, "r2": None, "r3": None}
     p = plan(rows, owned, listed("r1", "r3"), unavailable={2: "root is missing"})
     assert p.actions == (Prune("r3", Why.DELETED, True, remove=(k("c"),)),)
@@ -196,8 +231,16 @@ def test_fraction_guard_applies_above_its_floor_only() -> None:
 
 def test_dry_run_view_can_assume_rows_deleted() -> None:
     rows = [row("a", State.SYNCED, "r1")]
-    p = plan_reconcile(rows, ledger_for(rows, {"r1": None}), listed("r1"), settings=ReconcileConfig(),
-                       unavailable={}, now=NOW, confirm=False, assume_deleted={k("a")})
+    p = plan_reconcile(
+        rows,
+        ledger_for(rows, {"r1": None}),
+        listed("r1"),
+        settings=ReconcileConfig(),
+        unavailable={},
+        now=NOW,
+        confirm=False,
+        assume_deleted={k("a")},
+    )
     assert p.actions == (Prune("r1", Why.DELETED, True, remove=(k("a"),)),)
 
 
@@ -218,15 +261,27 @@ def worlds(draw: st.DrawFn) -> World:
         state = draw(st.sampled_from(STATES))
         has_remote = state in (State.SYNCED, State.DELETED, State.EXPIRED)
         rid = draw(st.sampled_from(IDS)) if has_remote else None
-        rows.append(row(f"p{i}", state, rid, root_id=draw(st.sampled_from([1, 2])),
-                        md5=draw(st.sampled_from("abc")),
-                        purpose=draw(st.sampled_from(["assistants", "batch"])),
-                        missing_since=draw(st.sampled_from([None, NOW - 5]))))
-    owned = {rid: draw(st.sampled_from([None, NOW - 3 * DAY, NOW]))
-             for rid in draw(st.sets(st.sampled_from(IDS)))}
+        rows.append(
+            row(
+                f"p{i}",
+                state,
+                rid,
+                root_id=draw(st.sampled_from([1, 2])),
+                md5=draw(st.sampled_from("abc")),
+                purpose=draw(st.sampled_from(["assistants", "batch"])),
+                missing_since=draw(st.sampled_from([None, NOW - 5])),
+            )
+        )
+    owned = {
+        rid: draw(st.sampled_from([None, NOW - 3 * DAY, NOW])) for rid in draw(st.sets(st.sampled_from(IDS)))
+    }
     listing = {
-        rid: RemoteFile(rid, draw(st.sampled_from(["assistants", "batch"])),
-                        draw(st.sampled_from([NOW - 3 * DAY, NOW])), draw(st.sampled_from([None, "a", "b"])))
+        rid: RemoteFile(
+            rid,
+            draw(st.sampled_from(["assistants", "batch"])),
+            draw(st.sampled_from([NOW - 3 * DAY, NOW])),
+            draw(st.sampled_from([None, "a", "b"])),
+        )
         for rid in draw(st.sets(st.sampled_from(IDS)))
     }
     unavailable = {r: "gone" for r in draw(st.sets(st.sampled_from([1, 2]), max_size=1))}
@@ -235,11 +290,20 @@ def worlds(draw: st.DrawFn) -> World:
 
 @settings(max_examples=300, deadline=None)
 @given(worlds(), st.booleans(), st.booleans(), st.integers(0, 4), st.booleans())
-def test_plan_invariants(world: World, prune_deleted: bool, retention: bool, max_delete: int,
-                         confirm: bool) -> None:
+def test_plan_invariants(
+    world: World, prune_deleted: bool, retention: bool, max_delete: int, confirm: bool
+) -> None:
     rows, owned, listing, unavailable = world
-    p = plan(rows, owned, listing, unavailable=unavailable, confirm=confirm, prune_deleted=prune_deleted,
-             max_delete=max_delete, retention_days={"batch": 1} if retention else {})
+    p = plan(
+        rows,
+        owned,
+        listing,
+        unavailable=unavailable,
+        confirm=confirm,
+        prune_deleted=prune_deleted,
+        max_delete=max_delete,
+        retention_days={"batch": 1} if retention else {},
+    )
     synced_refs = {e.remote_id for e in rows if e.state is State.SYNCED}
     by_key = {e.key: e for e in rows}
     for action in p.actions:

@@ -68,8 +68,13 @@ class ReconcileMachine(RuleBasedStateMachine):
         self.server = server
         self.clock = clock
         self.base = Path(tempfile.mkdtemp(prefix="syncd-sm-"))
-        self.h = Harness(self.base / "h", server, clock, watch={"rules": PURPOSE_RULES},
-                         reconcile={"retention_days": RETENTION})
+        self.h = Harness(
+            self.base / "h",
+            server,
+            clock,
+            watch={"rules": PURPOSE_RULES},
+            reconcile={"retention_days": RETENTION},
+        )
         self.away = self.h.root.with_name("away")
         self.salt = secrets.token_hex(4).encode()
         self.files: dict[str, bytes] = {}
@@ -198,8 +203,9 @@ class ReconcileMachine(RuleBasedStateMachine):
         assert gone.id not in self.foreign, "deleted another client's file"
         assert gone.id not in self.theirs, "deleted another client's file"
         assert gone.id in owned_before, "deleted a file syncd did not create"
-        expired = (gone.purpose == "batch"
-                   and gone.created_at.timestamp() + RETENTION["batch"] * DAY <= self.h.now())
+        expired = (
+            gone.purpose == "batch" and gone.created_at.timestamp() + RETENTION["batch"] * DAY <= self.h.now()
+        )
         if expired:
             return
         for relpath, entry in rows_before.items():
@@ -234,8 +240,9 @@ class ReconcileMachine(RuleBasedStateMachine):
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, FakeClock]]:
     clock = FakeClock(datetime.fromisoformat("2026-02-01T00:00:00+00:00"))
     data = tmp_path_factory.mktemp("sm-server")
-    with running_server(ServerSettings(data_dir=data, api_key=secrets.token_urlsafe(16), port=0),
-                        clock=clock) as server:
+    with running_server(
+        ServerSettings(data_dir=data, api_key=secrets.token_urlsafe(16), port=0), clock=clock
+    ) as server:
         seeds = data / "seeds"
         seeds.mkdir()
         other = VLMRun(api_key=server.api_key, base_url=server.base_url, max_retries=1)
@@ -248,6 +255,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ru
 @pytest.mark.timeout(1800 if SOAK else 300)
 def test_reconcile_state_machine(shared_server: tuple[RunningServer, FakeClock]) -> None:
     server, clock = shared_server
+
     class Machine(ReconcileMachine):
         def __init__(self) -> None:
             super().__init__(server, clock)
