@@ -23,12 +23,19 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import httpx
 import pytest
+from hypothesis import settings
 
 from syncd.manifest import Entry, ManifestMissing, ManifestReader, State
 from syncd.server import RunningServer, ServerSettings, running_server
 from syncd.server.store import Clock
 
 T = TypeVar("T")
+
+# `make soak` (HYPOTHESIS_PROFILE=soak) runs every property 1,000+ times; CI keeps hypothesis's defaults
+# but never fails a test on a slow example (the machine is shared and has 2 cores).
+settings.register_profile("ci", deadline=None)
+settings.register_profile("soak", max_examples=1000, stateful_step_count=30, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def free_port() -> int:
