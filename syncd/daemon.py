@@ -153,7 +153,7 @@ def _scan_thread(
     *,
     under: str,
     want_missing: bool,
-    check_purposes: bool,
+    rules_changed: bool,
     abort: threading.Event,
 ) -> _ScanDone:
     """Walk one root (or the subtree `under`) with the one-stat quick check.
@@ -178,17 +178,22 @@ def _scan_thread(
             state = seen_unchanged(relpath, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
             return state in settled and not abort.is_set()
 
+        # With unchanged rules, a file the manifest knows unchanged was accepted before and still is: the
+        # globs run only for new or changed files (measured: a quarter of a no-change pass's cost).
+        accepted = _file_filter(root)
         for result in walk(
             str(root.path),
             under=under,
             ignores_dir=(lambda rel: True) if not recursive else ignores_dir,
-            wanted=_file_filter(root),
+            wanted=accepted if rules_changed else None,
             known=known,
         ):
             if abort.is_set():
                 return _ScanDone(root, root_id, [], [], [], errors)
             if result.stat is None:
                 errors.append((result.relpath, result.error or "unknown error"))
+                continue
+            if not rules_changed and not accepted(result.relpath, result.stat.size):
                 continue
             batch.append(Candidate(root, root_id, result.relpath, result.stat))
             if len(batch) >= SCAN_BATCH:
@@ -215,12 +220,12 @@ def _scan_thread(
             if e.relpath.startswith(prefix) and index.was_seen(e.relpath)
         ]
         # A million-row root costs a full pass over its rows only when something can be found there.
-        if check_purposes or not index.all_seen():
+        if rules_changed or not index.all_seen():
             for relpath, state, purpose, _ in reader.iter_root_brief(root_id):
                 if state is State.DELETED or not relpath.startswith(prefix):
                     continue
                 if index.was_seen(relpath):
-                    if check_purposes and state in _SETTLED and purpose != purpose_for(relpath):
+                    if rules_changed and state in _SETTLED and purpose != purpose_for(relpath):
                         repurposed.append(relpath)
                 elif want_missing and not (relpath + "/").startswith(unreadable) and wanted(relpath):
                     missing.append(relpath)
@@ -364,8 +369,10 @@ class Pipeline:
                     return
             future.cancel()
 
-        rules_key = f"purpose-rules:{root_id}"
-        fingerprint = root.rules.fingerprint
+        rules_key = f"rules:{root_id}"
+        fingerprint = (
+            f"{root.rules.fingerprint} marker={root.watch.marker!r} recursive={root.watch.recursive}"
+        )
         self.manifest.commit()  # the walker's own connection must see every row written so far
         try:
             done = await asyncio.to_thread(
@@ -376,7 +383,7 @@ class Pipeline:
                 deliver,
                 under=under,
                 want_missing=True,
-                check_purposes=self.manifest.meta(rules_key) != fingerprint,
+                rules_changed=self.manifest.meta(rules_key) != fingerprint,
                 abort=abort,
             )
         finally:

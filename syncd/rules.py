@@ -93,7 +93,8 @@ class CompiledRules:
         self._max_file_size = max_file_size
         self._purposes = tuple(purposes)
         self.default_purpose = default_purpose
-        # Identifies the purpose rules: a rescan re-checks stored purposes only when this changed.
+        # Identifies the rules: while it is unchanged, a rescan trusts that a file the manifest knows
+        # unchanged is still accepted and keeps its purpose (no glob matched per unchanged file).
         self.fingerprint = fingerprint
         self._dir_ignored = functools.lru_cache(maxsize=_DIR_CACHE_SIZE)(self._dir_ignored_uncached)
 
@@ -179,5 +180,5 @@ def compile_rules(rules: RootRules) -> CompiledRules:
         rules.max_file_size,
         purposes,
         rules.default_purpose or DEFAULT_PURPOSE,
-        repr((rules.purpose_rules, rules.default_purpose or DEFAULT_PURPOSE)),
+        repr((DEFAULT_IGNORE, rules)),
     )
