@@ -9,27 +9,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import free_port, wait_for
 
 from syncd.server import RunningServer
 from syncd.service import Notifier
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class NotifySocket:
@@ -152,7 +143,7 @@ def test_embedded_server_runs_the_quick_start(tmp_path: Path) -> None:
     inbox.mkdir()
     (inbox / "scan 001.pdf").write_bytes(b"%PDF-1.4 demo")
     config = tmp_path / "demo.toml"
-    port = _free_port()
+    port = free_port()
     write_config(config, f"http://127.0.0.1:{port}/v1", inbox)
     env = {k: v for k, v in os.environ.items() if k != "VLMRUN_API_KEY"}
     proc = subprocess.Popen(
@@ -195,10 +186,3 @@ def test_embedded_server_runs_the_quick_start(tmp_path: Path) -> None:
         assert proc.wait(timeout=60) == 0
     log_text = (tmp_path / "daemon.log").read_text()
     assert key not in log_text
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
