@@ -805,6 +805,17 @@ class Manifest(ManifestReader):
         """A retryable failure: back to ``queued`` with one more attempt counted."""
         return self._transition(key, "queued (retry)", _SQL_RETRY, (next_attempt_at, error), md5)
 
+    def mark_upload_retry(self, key: FileKey, *, md5: str, error: str, next_attempt_at: float) -> bool:
+        """A retryable failure after the upload request went out: it may have landed, so the row stays
+        ``uploading`` with its intent time (``updated_at``) untouched, and the retry resolves it by md5
+        first (design §3). False when the row has moved on meanwhile."""
+        changed = self._write(
+            "UPDATE files SET attempts=attempts+1, next_attempt_at=?, last_error=?"
+            " WHERE root_id=? AND relpath=? AND state='uploading' AND md5=?",
+            (next_attempt_at, error, key.root_id, key.relpath, md5),
+        )
+        return changed == 1
+
     def mark_failed(self, key: FileKey, *, md5: str, reason: str) -> bool:
         """A permanent rejection: not retried until the content changes."""
         return self._transition(key, State.FAILED, _SQL_FAILED, (reason,), md5)

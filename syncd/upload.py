@@ -136,7 +136,7 @@ async def _upload(
         manifest.mark_retry(job.key, md5=job.md5, error="changed during upload", next_attempt_at=clock())
         return Outcome.CHANGED
     except ApiError as exc:
-        return _record_error(job, exc, manifest=manifest, clock=clock)
+        return _record_error(job, exc, manifest=manifest, clock=clock, sent=True)
     except OSError as exc:
         # Vanished or unreadable since it was hashed: the next scan or event decides what it is now.
         manifest.mark_retry(
@@ -183,6 +183,7 @@ def _record_error(
     manifest: Manifest,
     clock: Callable[[], float],
     permanent: bool | None = None,
+    sent: bool = False,
 ) -> Outcome:
     reason = f"{type(exc).__name__}: {exc.detail}" + (f" (HTTP {exc.status})" if exc.status else "")
     row = manifest.get(job.key)
@@ -194,7 +195,8 @@ def _record_error(
         manifest.mark_failed(job.key, md5=job.md5, reason=action.reason)
         log.error("upload rejected", path=job.key.relpath, md5=job.md5, reason=action.reason)
         return Outcome.FAILED
-    manifest.mark_retry(job.key, md5=job.md5, error=action.error, next_attempt_at=action.next_attempt_at)
+    retry = manifest.mark_upload_retry if sent else manifest.mark_retry
+    retry(job.key, md5=job.md5, error=action.error, next_attempt_at=action.next_attempt_at)
     level = log.error if isinstance(exc, AuthError) else log.warning
     level(
         "upload will be retried",

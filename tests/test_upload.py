@@ -360,3 +360,37 @@ async def test_a_same_size_edit_after_hashing_is_caught_against_the_public_api_s
     async with client_for(server) as client:
         assert await run(job, manifest, client) is Outcome.CHANGED
     assert remote_files(server) == []
+
+
+class LostResponseTransport(httpx.AsyncBaseTransport):
+    """The real transport, except that the answer to an upload is lost after the server stored it."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if request.method == "POST" and request.url.path.endswith("/files"):
+            await response.aread()
+            raise httpx.ReadTimeout("the answer never came", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_an_upload_whose_answer_was_lost_keeps_its_intent_and_is_owned_on_retry(
+    server: RunningServer, manifest: Manifest, root: Path
+) -> None:
+    job = queue_file(manifest, root, "scan.pdf", b"landed, but the response was lost")
+    async with client_for(server, retries=0, transport=LostResponseTransport()) as client:
+        assert await run(job, manifest, client) is Outcome.RETRY
+    entry = row(manifest, job)
+    assert entry.state is State.UPLOADING  # the intent survives: the bytes may be on the server
+    assert server.stats.uploads == 1
+    retry = UploadJob(job.key, job.path, job.md5, job.purpose, job.stat, intent_at=entry.updated_at)
+    async with client_for(server) as client:
+        assert await run(retry, manifest, client, intent_window=600.0) is Outcome.REUSED
+    assert server.stats.uploads == 1  # resolved by the md5 lookup, not a second upload
+    assert row(manifest, job).state is State.SYNCED
+    assert row(manifest, job).owned
