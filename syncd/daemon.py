@@ -514,6 +514,7 @@ class Pipeline:
             return
         assert isinstance(result, Digest)
         self.counters.hashed += 1
+        self.unreadable_logged.discard((cand.root_id, cand.relpath))  # readable again: log a relapse
         purpose = cand.root.rules.purpose_for(cand.relpath)
         stat = _statkey(result.stat)
         action = after_hash(entry, seen=stat, xxh3=result.xxh3, md5=result.md5, purpose=purpose)
