@@ -905,19 +905,21 @@ def _remote(config: Config, state_dir: Path, *, embedded: bool) -> Iterator[tupl
     settings = ServerSettings(
         data_dir=state_dir / "server", api_key=_embedded_key(state_dir), host=host, port=url.port or 8000
     )
+    stack = contextlib.ExitStack()
     try:
-        with running_server(settings) as server:
-            log.info(
-                "embedded reference server",
-                base_url=server.base_url,
-                api_key_file=str(state_dir / "embedded-api-key"),
-            )
-            yield server.base_url, server.api_key
-    except OSError as exc:
+        server = stack.enter_context(running_server(settings))
+    except OSError as exc:  # only the start: errors of the daemon itself must not be renamed
         raise ConfigError(
             f"{config.source}: remote.base_url: cannot start the embedded server on "
             f"{host}:{url.port or 8000}: {exc.strerror or exc} (pick a free port)"
         ) from None
+    with stack:
+        log.info(
+            "embedded reference server",
+            base_url=server.base_url,
+            api_key_file=str(state_dir / "embedded-api-key"),
+        )
+        yield server.base_url, server.api_key
 
 
 def run_daemon(config: Config, *, embedded: bool) -> int:

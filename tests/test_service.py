@@ -186,3 +186,22 @@ def test_embedded_server_runs_the_quick_start(tmp_path: Path) -> None:
         assert proc.wait(timeout=60) == 0
     log_text = (tmp_path / "daemon.log").read_text()
     assert key not in log_text
+
+
+def test_embedded_server_on_a_busy_port_is_a_one_line_error(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = tmp_path / "syncd.toml"
+        write_config(config, f"http://127.0.0.1:{busy.getsockname()[1]}/v1", inbox)
+        out = subprocess.run(
+            [sys.executable, "-m", "syncd", "run", "--embedded", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1
+    assert "remote.base_url: cannot start the embedded server" in out.stderr
