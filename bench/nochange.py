@@ -118,4 +118,4 @@ def nochange_100k(ctx: Context) -> Outcome:
 
 
 def nochange_1m(ctx: Context) -> Outcome:
-    return run_nochange(ctx, "1m", 5_000 if ctx.options.quick else 1_000_000, goal=2, repeats=1)
+    return run_nochange(ctx, "1m", 5_000 if ctx.options.quick else 1_000_000, goal=2, repeats=2)
