@@ -47,7 +47,7 @@ from syncd.plan import (
     on_missing,
     retry_delay,
 )
-from syncd.roots import RootRecord, observe_root, unavailable_reason
+from syncd.roots import RootRecord, kept_by, observe_root, unavailable_reason
 from syncd.rules import CompiledRules, PurposeRule, RootRules, compile_rules
 from syncd.scan import FileStat, StatError, stat_path, walk
 from syncd.service import Notifier
@@ -310,14 +310,8 @@ class Pipeline:
         An unavailable root is not scanned at all (Syncthing stops a folder whose marker is gone): its
         files are neither uploaded nor counted as deleted, and `status` shows the reason.
         """
-        rules = root.rules
         obs = await asyncio.to_thread(
-            observe_root,
-            root.path,
-            marker=root.watch.marker,
-            keeps=lambda name, is_dir: (
-                not (rules.ignores_dir(name) if is_dir else rules.accepts(name, 0) is not None)
-            ),
+            observe_root, root.path, marker=root.watch.marker, keeps=kept_by(root.rules)
         )
         key = f"root:{root.path}"
         known = next((r for r in self.manifest.roots() if r.path == str(root.path)), None)

@@ -48,7 +48,7 @@ from syncd.api import ApiError, FileResponse, FilesClient, NotFoundError
 from syncd.config import ReconcileConfig, WatchConfig
 from syncd.manifest import Entry, FileKey, Manifest, ManifestReader, OwnedRemote, State
 from syncd.plan import MarkDeleted, on_missing
-from syncd.roots import RootRecord, observe_root, unavailable_reason
+from syncd.roots import RootRecord, kept_by, observe_root, unavailable_reason
 from syncd.rules import CompiledRules
 from syncd.scan import walk
 
@@ -403,11 +403,7 @@ def observe_local(roots: Sequence[RootLike], reader: ManifestReader, *, now: flo
         if record is None:
             continue
         rules = root.rules
-
-        def keeps(name: str, is_dir: bool, rules: CompiledRules = rules) -> bool:
-            return not (rules.ignores_dir(name) if is_dir else rules.accepts(name, 0) is not None)
-
-        obs = observe_root(root.path, marker=root.watch.marker, keeps=keeps)
+        obs = observe_root(root.path, marker=root.watch.marker, keeps=kept_by(rules))
         reason = unavailable_reason(obs, RootRecord(record.device, record.inode, record.had_files))
         if reason is not None:
             unavailable[record.root_id] = reason

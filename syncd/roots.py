@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from syncd.rules import CompiledRules
+
 
 @dataclass(frozen=True)
 class RootObservation:
@@ -32,6 +34,15 @@ class RootRecord:
     device: int | None
     inode: int | None
     had_files: bool
+
+
+def kept_by(rules: CompiledRules) -> Callable[[str, bool], bool]:
+    """`keeps` for `observe_root`: does a top-level entry count as content under these rules?"""
+
+    def keeps(name: str, is_dir: bool) -> bool:
+        return not (rules.ignores_dir(name) if is_dir else rules.accepts(name, 0) is not None)
+
+    return keeps
 
 
 def observe_root(path: Path, *, marker: str | None, keeps: Callable[[str, bool], bool]) -> RootObservation:
