@@ -382,8 +382,6 @@ class Pipeline:
             )
         finally:
             abort.set()
-        if not under:
-            self.manifest.set_meta(rules_key, fingerprint)
         log.debug(
             "scan done",
             root=str(root.path),
@@ -400,6 +398,10 @@ class Pipeline:
         for entry in done.repurposed:
             await self._repurpose(root, entry)
         await self.apply_missing(done.missing, root.watch.delete_grace_seconds)
+        if not under and not done.errors:
+            # Only once every row was checked against these rules (and re-queued where needed): a crash
+            # or an unreadable directory before this point means the next scan checks them again.
+            self.manifest.set_meta(rules_key, fingerprint)
 
     async def _repurpose(self, root: Root, entry: Entry) -> None:
         """The rules now give an unchanged file another purpose: it needs a remote file with that one."""
@@ -569,7 +571,11 @@ class Pipeline:
         row = self.manifest.get(job.key)
         if row is not None and row.state in (State.QUEUED, State.UPLOADING) and row.md5 == job.md5:
             when = self.clock() + retry_delay(row.attempts)
-            self.manifest.mark_retry(job.key, md5=job.md5, error=error, next_attempt_at=when)
+            # An `uploading` row keeps its intent: the request may have gone out and landed.
+            retry = (
+                self.manifest.mark_upload_retry if row.state is State.UPLOADING else self.manifest.mark_retry
+            )
+            retry(job.key, md5=job.md5, error=error, next_attempt_at=when)
 
     async def _upload_one(self, job: UploadJob) -> None:
         slot = (job.md5, job.purpose)
@@ -605,6 +611,10 @@ class Pipeline:
         per_attempt = remote.timeout + size / UPLOAD_FLOOR_BYTES_PER_SECOND
         return (per_attempt + MAX_BACKOFF_SECONDS) * (remote.retries + 1)
 
+    def forget_listing(self) -> None:
+        """A reconcile may delete remote files: the initial-sync listing no longer stands for the remote."""
+        self._index_made_at = float("-inf")
+
     def _index_fresh(self) -> bool:
         """The initial-sync listing stands in for lookups only briefly: remote files come and go."""
         return time.monotonic() - self._index_made_at < INDEX_TTL_SECONDS
@@ -628,8 +638,8 @@ class Pipeline:
     async def recovery_candidates(self) -> list[Candidate]:
         """Rows left `queued` or `uploading` (a crash, a retry due): back through the quick check.
 
-        A row left `uploading` whose file is gone goes back to `queued`, so the missing-file rules (not
-        an upload that can never happen) decide what becomes of it.
+        A row left `uploading` whose file is gone is still resolved by md5 (its upload may have landed);
+        afterwards the missing-file rules decide what becomes of it.
         """
         rows = [
             e
@@ -643,12 +653,11 @@ class Pipeline:
             if isinstance(st, FileStat):
                 found.append(Candidate(self.root_by_id[entry.root_id], entry.root_id, entry.relpath, st))
             elif st is None and entry.state is State.UPLOADING:
-                self.manifest.mark_retry(
-                    entry.key,
-                    md5=entry.md5,
-                    error="file vanished before its upload finished",
-                    next_attempt_at=self.clock(),
-                )
+                # Resolve the intent by md5 even though the file is gone: a copy that landed becomes an
+                # owned, prunable file; on a miss the upload fails to open the file and the row is queued.
+                path = self.root_by_id[entry.root_id].path / entry.relpath
+                job = UploadJob(entry.key, path, entry.md5, entry.purpose, entry.stat, entry.updated_at)
+                await self._submit(job)
         return found
 
     async def run_stages(self, sources: Callable[[], Awaitable[None]]) -> None:
@@ -1023,7 +1032,8 @@ async def _run_pipeline(
 
     async def route(cand: Candidate) -> None:
         """Scan finds: files quiet for settle_seconds go straight to hashing; fresher ones settle first."""
-        age = pipe.clock() - cand.stat.mtime_ns / 1e9
+        # ctime too: `cp -p`, `tar x` and `rsync -t` back-date mtime on a file written just now.
+        age = pipe.clock() - max(cand.stat.mtime_ns, cand.stat.ctime_ns) / 1e9
         if age >= cand.root.watch.settle_seconds:
             await pipe.hash_q.put(cand)
         else:
@@ -1095,6 +1105,7 @@ async def _run_pipeline(
                 return
             for root in roots:
                 await pipe.register_root(root)  # fresh guards: a root may have vanished since its scan
+            pipe.forget_listing()
             await reconcile(
                 pipe.manifest,
                 pipe.client,
