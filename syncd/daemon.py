@@ -279,6 +279,7 @@ class Pipeline:
         # root_id → why the root may not be trusted for deletions (the reconciler's guard), per pass.
         self.unavailable: dict[int, str] = {}
         self.root_by_id: dict[int, Root] = {}
+        self._noted: dict[str, str | None] = {}  # status notes as last written by this process
         self.on_changed: Callable[[Root, str], None] = self._count_changed
         # Where scan candidates go: straight to hashing in one pass; the daemon sends fresh files to settle.
         self.route: Callable[[Candidate], Awaitable[None]] = self.hash_q.put
@@ -320,8 +321,7 @@ class Pipeline:
             absent = unavailable_reason(obs, None) or "root cannot be read"
             if known is not None:
                 self.unavailable[known.root_id] = absent
-            self.manifest.set_note(key, absent)
-            self.manifest.commit()
+            self._note(key, absent)
             return None, absent
         stored = known or self.manifest.ensure_root(str(root.path), device=obs.device, inode=obs.inode)
         self.root_by_id[stored.root_id] = root
@@ -332,13 +332,23 @@ class Pipeline:
             self.manifest.set_root_identity(stored.root_id, device=obs.device, inode=obs.inode)
             reason = unavailable_reason(obs, RootRecord(obs.device, obs.inode, had_files=False))
         if reason is None:
-            self.manifest.clear_note(key)
             self.unavailable.pop(stored.root_id, None)
         else:
-            self.manifest.set_note(key, reason)
             self.unavailable[stored.root_id] = reason
-        self.manifest.commit()
+        self._note(key, reason)
         return (stored.root_id if reason is None else None), reason
+
+    def _note(self, key: str, text: str | None) -> None:
+        """Set or clear a `status` note, writing (and committing) only when it changes: an idle daemon
+        re-checks its roots every few seconds and must not write to the manifest each time."""
+        if key in self._noted and self._noted[key] == text:
+            return
+        if text is None:
+            self.manifest.clear_note(key)
+        else:
+            self.manifest.set_note(key, text)
+        self.manifest.commit()
+        self._noted[key] = text
 
     # stage: scan (source)
 
@@ -452,21 +462,19 @@ class Pipeline:
         Gives up (per-file lookups) when the remote holds far more files than this pass has new ones.
         """
         index: dict[tuple[str, str], FileResponse] = {}
-        skip = pages = 0
+        listed = 0
         try:
-            while pages <= max(2, int(self.counters.scanned * LISTING_PAGES_PER_FILE)):
-                pages += 1
-                page = await self.client.list_page(skip=skip, limit=1000)
-                for item in page:
-                    if item.md5 is None:
-                        return None  # the public API's shape: fall back to per-file lookups
-                    index.setdefault((item.md5, item.purpose), item)  # newest first: keep the first
-                if len(page) < 1000:
-                    return index
-                skip += len(page)
+            async for item in self.client.iter_all():
+                if item.md5 is None:
+                    return None  # the public API's shape: fall back to per-file lookups
+                index.setdefault((item.md5, item.purpose), item)  # newest first: keep the first
+                listed += 1
+                if listed > max(2, self.counters.scanned * LISTING_PAGES_PER_FILE) * 1000:
+                    return None  # far more remote files than new local ones: lookups are cheaper
         except ApiError as exc:
             log.info("listing for the initial sync failed; using per-file lookups", error=exc.detail)
-        return None
+            return None
+        return index
 
     # stage: hash
 
