@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import pickle
-import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import xxhash
+from conftest import as_nobody
 
 from syncd.hashing import BUFFER_SIZE, Changed, Digest, Hasher, Unreadable, Vanished, hash_file
 from syncd.scan import FileStat
@@ -119,47 +116,12 @@ def test_not_regular_files_are_unreadable_and_missing_ones_vanished(tmp_path: Pa
     assert isinstance(hash_file(str(tmp_path / "real" / "below-a-file")), Vanished)
 
 
-def _as_nobody(fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a forked child that dropped root, so permission bits apply to it."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        status = 1
-        try:
-            os.close(read_end)
-            os.setgid(65534)
-            os.setuid(65534)
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(fn(), out)
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as inp:
-        data = inp.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0, "child failed"
-    result: T = pickle.loads(data)
-    return result
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory an unprivileged user can reach (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="syncd-test-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
-
-
 def test_permission_denied_is_unreadable(shared_dir: Path) -> None:
     path = shared_dir / "secret.pdf"
     path.write_bytes(b"private")
     path.chmod(0)
-    as_nobody = os.geteuid() == 0  # root ignores mode 000
-    result = _as_nobody(lambda: hash_file(str(path))) if as_nobody else hash_file(str(path))
+    is_root = os.geteuid() == 0  # root ignores mode 000
+    result = as_nobody(lambda: hash_file(str(path))) if is_root else hash_file(str(path))
     assert isinstance(result, Unreadable)
     assert result.reason.startswith("permission denied")
 

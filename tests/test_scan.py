@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import pickle
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from conftest import as_nobody
 
 from syncd.scan import FileStat, ScanResult, ScanStats, StatError, stat_path, walk
 
@@ -129,41 +126,6 @@ def test_unreadable_directory_yields_one_error_and_the_walk_goes_on(tmp_path: Pa
         locked.chmod(0o755)
 
 
-def _as_nobody(fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a forked child that dropped root, so permission bits apply to it."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        status = 1
-        try:
-            os.close(read_end)
-            os.setgid(65534)
-            os.setuid(65534)
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(fn(), out)
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as inp:
-        data = inp.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0, "child failed"
-    result: T = pickle.loads(data)
-    return result
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory an unprivileged user can reach (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="syncd-test-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
-
-
 def test_unreadable_directory_as_an_unprivileged_user(shared_dir: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to an unprivileged user")
@@ -176,7 +138,7 @@ def test_unreadable_directory_as_an_unprivileged_user(shared_dir: Path) -> None:
         results = list(walk(str(shared_dir), stats=stats))
         return sorted((r.relpath, r.error is None) for r in results), stats.errors
 
-    assert _as_nobody(scan) == ([("locked", False), ("ok/a.txt", True)], 1)
+    assert as_nobody(scan) == ([("locked", False), ("ok/a.txt", True)], 1)
 
 
 def test_stat_path(tmp_path: Path) -> None:
