@@ -26,6 +26,7 @@ from syncd.api import ApiError, FileResponse, FilesClient
 from syncd.config import Config, ConfigError, WatchConfig, load_config
 from syncd.hashing import Changed, Digest, Hasher, Unreadable, Vanished
 from syncd.manifest import (
+    SETTLED,
     AlreadyRunning,
     Entry,
     FileKey,
@@ -168,7 +169,6 @@ def _scan_thread(
         recursive = root.watch.recursive
         ignores_dir = root.rules.ignores_dir
         seen_unchanged = index.seen_unchanged
-        settled = frozenset(_SETTLED)
 
         def known(relpath: str, st: os.stat_result) -> bool:
             """Unchanged and settled: one stat, nothing else (design §3 quick check).
@@ -176,7 +176,7 @@ def _scan_thread(
             Once `abort` is set, answers False: the file is yielded and the loop below stops the walk.
             """
             state = seen_unchanged(relpath, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-            return state in settled and not abort.is_set()
+            return state in SETTLED and not abort.is_set()
 
         # With unchanged rules, a file the manifest knows unchanged was accepted before and still is: the
         # globs run only for new or changed files (measured: a quarter of a no-change pass's cost).
@@ -225,7 +225,7 @@ def _scan_thread(
                 if state is State.DELETED or not relpath.startswith(prefix):
                     continue
                 if index.was_seen(relpath):
-                    if rules_changed and state in _SETTLED and purpose != purpose_for(relpath):
+                    if rules_changed and state in SETTLED and purpose != purpose_for(relpath):
                         repurposed.append(relpath)
                 elif want_missing and not (relpath + "/").startswith(unreadable) and wanted(relpath):
                     missing.append(relpath)
@@ -242,9 +242,6 @@ def _scan_thread(
             rows(repurposed),
             errors,
         )
-
-
-_SETTLED = (State.SYNCED, State.FAILED, State.EXPIRED)
 
 
 class Pipeline:

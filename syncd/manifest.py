@@ -72,6 +72,9 @@ fresh intent when a leftover upload is re-sent, and ``uploading`` never becomes 
 upload finishes first; the next rescan deletes it).
 """
 
+SETTLED: frozenset[State] = frozenset({State.SYNCED, State.FAILED, State.EXPIRED})
+"""States that need nothing more until the file changes (or the rules give it another purpose)."""
+
 REMOVABLE: frozenset[State] = frozenset({State.DELETED, State.FAILED, State.EXPIRED, State.QUEUED})
 """States whose row may be dropped: none of them is a live reference to a remote file."""
 

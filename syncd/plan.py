@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal, Protocol
 
-from syncd.manifest import Entry, RemoteRef, State, StatKey
+from syncd.manifest import SETTLED, Entry, RemoteRef, State, StatKey
 
 __all__ = [
     "RETRY_BASE_SECONDS",
@@ -91,8 +91,6 @@ class NeedRemote:
 
 HashAction = Unchanged | Restat | NeedRemote
 
-_SETTLED = frozenset({State.SYNCED, State.FAILED, State.EXPIRED})
-
 
 def after_hash(entry: Entry | None, *, seen: StatKey, xxh3: str, md5: str, purpose: str) -> HashAction:
     """Decide what fresh digests mean for a row.
@@ -101,7 +99,7 @@ def after_hash(entry: Entry | None, *, seen: StatKey, xxh3: str, md5: str, purpo
     as does a ``deleted`` one whose path came back. A purpose change counts as a change: a file
     rejected for one purpose may be accepted under another.
     """
-    if entry is None or entry.state not in _SETTLED:
+    if entry is None or entry.state not in SETTLED:
         return NeedRemote(md5, purpose)
     if entry.xxh3 != xxh3 or entry.md5 != md5 or entry.purpose != purpose:
         return NeedRemote(md5, purpose)
