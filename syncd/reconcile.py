@@ -410,14 +410,25 @@ def observe_local(roots: Sequence[RootLike], reader: ManifestReader, *, now: flo
             continue
         seen: set[str] = set()
         moved: set[tuple[int, int]] = set()
+        unreadable: list[str] = []
         for result in walk(
             str(root.path), ignores_dir=rules.ignores_dir if root.watch.recursive else (lambda rel: True)
         ):
             seen.add(result.relpath)
             if result.stat is not None:
                 moved.add((result.stat.inode, result.stat.size))
+            else:
+                unreadable.append(result.relpath + "/")
+        if "/" in unreadable:
+            continue  # the root itself could not be listed: nothing in it is known to be gone
+        blocked = tuple(unreadable)
         for entry in reader.iter_root(record.root_id):
             if entry.state is not State.SYNCED or entry.relpath in seen:
+                continue
+            # As the sync pass decides: unreadable is not gone, and excluded by the rules is not deleted.
+            if (entry.relpath + "/").startswith(blocked) or rules.accepts(entry.relpath, 0) is not None:
+                continue
+            if not root.watch.recursive and "/" in entry.relpath:
                 continue
             if (entry.stat.inode, entry.stat.size) in moved:
                 continue
