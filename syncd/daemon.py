@@ -276,6 +276,7 @@ class Pipeline:
         # root_id → why the root may not be trusted for deletions (the reconciler's guard), per pass.
         self.unavailable: dict[int, str] = {}
         self.root_by_id: dict[int, Root] = {}
+        self.root_ids: dict[int, int] = {}  # Root.index → manifest root_id, the reverse of root_by_id
         self._noted: dict[str, str | None] = {}  # status notes as last written by this process
         self.on_changed: Callable[[Root, str], None] = self._count_changed
         # Where scan candidates go: straight to hashing in one pass; the daemon sends fresh files to settle.
@@ -322,6 +323,7 @@ class Pipeline:
             return None, absent
         stored = known or self.manifest.ensure_root(str(root.path), device=obs.device, inode=obs.inode)
         self.root_by_id[stored.root_id] = root
+        self.root_ids[root.index] = stored.root_id
         record = RootRecord(stored.device, stored.inode, stored.had_files)
         reason = unavailable_reason(obs, record)
         if reason is not None and self.confirm_roots:
@@ -1053,11 +1055,11 @@ async def _run_pipeline(
             item = await settled.get()
             root = roots[item.root_index]
             if isinstance(item, Ready):
-                root_id = _root_id(pipe, root)
+                root_id = pipe.root_ids.get(root.index)
                 if root_id is not None:
                     await pipe.hash_q.put(Candidate(root, root_id, item.relpath, item.stat))
             elif isinstance(item, Gone):
-                root_id = _root_id(pipe, root)
+                root_id = pipe.root_ids.get(root.index)
                 if root_id is not None and pipe.manifest.get(FileKey(root_id, item.relpath)) is not None:
                     pipe.manifest.mark_missing(FileKey(root_id, item.relpath), pipe.clock())
                     pipe.maybe_commit()
@@ -1066,7 +1068,7 @@ async def _run_pipeline(
                 subtree_rescans[item.root_index].add(item.relpath)
                 subtree_wake.set()
             elif isinstance(item, StatFailed):
-                pipe._log_unreadable(_root_id(pipe, root) or -1, item.relpath, item.error)
+                pipe._log_unreadable(pipe.root_ids.get(root.index) or -1, item.relpath, item.error)
 
     rescan_now = [asyncio.Event() for _ in roots]
     subtree_rescans: list[set[str]] = [set() for _ in roots]
@@ -1233,13 +1235,6 @@ async def _drain_uploads(pipe: Pipeline, uploaders: list[asyncio.Task[None]]) ->
             "stopped before in-flight uploads finished; they resume by md5 lookup at next start",
             uploads=len(pending),
         )
-
-
-def _root_id(pipe: Pipeline, root: Root) -> int | None:
-    for root_id, known in pipe.root_by_id.items():
-        if known is root:
-            return root_id
-    return None
 
 
 async def _sleep_or(event: asyncio.Event, seconds: float) -> None:
