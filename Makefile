@@ -4,12 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest soak bench clean
+CONSTRAINTS := constraints.txt
 
-$(STAMP): pyproject.toml
+.PHONY: demo test lint typecheck pytest soak bench lock clean
+
+# The exact versions CI tested (constraints.txt, from `make lock`); pyproject keeps lower bounds only.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[server,test]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[server,test]'
 	touch $(STAMP)
 
 # Quick start 1: the daemon with an embedded reference server, watching demo/inbox.
@@ -30,7 +33,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy --strict
 
 pytest: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # Long randomized runs (1,000+ examples per property and state machine), kept out of CI's time budget.
 soak: $(STAMP)
@@ -38,6 +41,16 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Re-resolve every dependency to its newest allowed version in a scratch venv and pin the result.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet -e '.[server,test]'
+	( echo "# Exact versions CI tests with; refresh with 'make lock'."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable --all | grep -v '^pip==' ) > $(CONSTRAINTS)
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) demo .mypy_cache .ruff_cache .pytest_cache .hypothesis
