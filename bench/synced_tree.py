@@ -29,7 +29,8 @@ from typing import Any
 import xxhash
 
 from bench.common import FILES_PER_DIR, Context, file_relpath, remove_tree
-from syncd.manifest import MANIFEST_NAME, Manifest, StateLock
+from syncd.manifest import Manifest
+from syncd.state import MANIFEST_NAME, StateLock
 
 REMOTE_ID = "file-bench-empty"
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC

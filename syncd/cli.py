@@ -107,7 +107,8 @@ def run(
     ] = False,
 ) -> None:
     """Run the daemon: watch, settle, hash, upload, reconcile."""
-    from syncd.daemon import AlreadyRunning, run_daemon
+    from syncd.daemon import run_daemon
+    from syncd.state import AlreadyRunning
 
     cfg = _load(config)
     try:
@@ -125,7 +126,8 @@ def sync(
     config: ConfigOption = None,
 ) -> None:
     """One pass: scan every root, upload what changed, mark what vanished; exit 0 when all is synced."""
-    from syncd.daemon import AlreadyRunning, sync_once
+    from syncd.once import sync_once
+    from syncd.state import AlreadyRunning
 
     if not once:
         _fail("sync needs --once (the continuous mode is `syncd run`)")
@@ -149,7 +151,8 @@ def reconcile(
     config: ConfigOption = None,
 ) -> None:
     """Prune remote files whose local copies were deleted or expired; re-upload vanished ones."""
-    from syncd.daemon import AlreadyRunning, reconcile_once
+    from syncd.once import reconcile_once
+    from syncd.state import AlreadyRunning
 
     if not once:
         _fail("reconcile needs --once (the daemon reconciles every reconcile.interval_seconds)")

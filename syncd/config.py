@@ -11,7 +11,7 @@ import re
 import tomllib
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import platformdirs
 from pydantic import (
@@ -25,7 +25,17 @@ from pydantic import (
     model_validator,
 )
 
-from syncd.api.models import Purpose
+Purpose = Literal[
+    "fine-tune",
+    "assistants",
+    "assistants_output",
+    "batch",
+    "batch_output",
+    "vision",
+    "datasets",
+]
+"""The Files API's purposes (design §5): a config naming another is refused at load, not at upload."""
+PURPOSES: tuple[str, ...] = get_args(Purpose)
 
 ENV_CONFIG = "SYNCD_CONFIG"
 ENV_BASE_URL = "VLMRUN_BASE_URL"
@@ -74,19 +84,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The remote's defaults, here once: the API client (syncd.api) takes the same values when built without
+# a config (scripts, tests).
+TIMEOUT_SECONDS = 30.0
+"""Seconds per request (uploads add a per-byte allowance); 30 s survives a slow server, not a dead one."""
+RETRIES = 5
+"""Retries per request for 429/5xx/network errors; 5 with backoff rides out about a minute of outage."""
+CONCURRENCY = 8
+"""Requests in flight: enough to hide a WAN round trip, small enough not to flood a 2-core server."""
+PRESIGNED_THRESHOLD = 32 * 1024 * 1024
+"""Size at which uploads switch to the presigned PUT: the official SDK's 32 MiB switch point."""
+
+
 class RemoteConfig(_Section):
     # The embedded/reference server's default address: a first run works with no cloud at all.
     base_url: str = "http://127.0.0.1:8000/v1"
     # Read once at load; never logged (repr shows **********).
     api_key_file: Path | None = None
-    # Seconds per request (uploads add a per-byte allowance); 30 s survives a slow server, not a dead one.
-    timeout: float = Field(default=30.0, gt=0)
-    # Attempts per request for 429/5xx/network errors; 5 with backoff rides out about a minute of outage.
-    retries: int = Field(default=5, ge=1, le=50)
-    # Requests in flight: enough to hide a WAN round trip, small enough not to flood a 2-core server.
-    concurrency: int = Field(default=8, ge=1, le=256)
-    # Size at which uploads switch to the presigned PUT: the official SDK's 32 MiB switch point.
-    presigned_threshold: Size = 32 * 1024 * 1024
+    timeout: float = Field(default=TIMEOUT_SECONDS, gt=0)
+    retries: int = Field(default=RETRIES, ge=1, le=50)
+    concurrency: int = Field(default=CONCURRENCY, ge=1, le=256)
+    presigned_threshold: Size = PRESIGNED_THRESHOLD
 
     @field_validator("base_url")
     @classmethod

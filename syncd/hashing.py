@@ -20,12 +20,18 @@ import io
 import os
 import stat
 import threading
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import xxhash
 
-from syncd.scan import FileStat
+from syncd.counters import Counters
+from syncd.logs import Unreadable as UnreadableLog
+from syncd.manifest import CommitPolicy, Manifest, State
+from syncd.plan import Candidate, NeedRemote, Restat, UploadJob, after_hash, needs_hash, statkey
+from syncd.scan import FileStat, describe_os_error
+from syncd.supervise import supervised
 
 # Large enough that the per-call overhead and GIL hand-offs vanish next to the hashing,
 # small enough to stay in L2/L3 cache (a guess confirmed by the MB/s figure in the tests).
@@ -74,11 +80,6 @@ class Vanished:
 HashResult = Digest | Changed | Unreadable | Vanished
 
 
-def _describe(exc: OSError) -> str:
-    name = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
-    return f"{name}: {exc.strerror or exc}"
-
-
 def _kind(mode: int) -> str:
     if stat.S_ISDIR(mode):
         return "directory"
@@ -107,8 +108,8 @@ def hash_file(path: str, expected: FileStat | None = None, *, buffer: bytearray 
         if exc.errno == errno.ELOOP:
             return Unreadable("not a regular file: symlink")
         if exc.errno in _DENIED_ERRNOS:
-            return Unreadable(f"permission denied: {_describe(exc)}")
-        return Unreadable(_describe(exc))
+            return Unreadable(f"permission denied: {describe_os_error(exc)}")
+        return Unreadable(describe_os_error(exc))
     try:
         return _hash_fd(fd, path, expected, view)
     finally:
@@ -139,7 +140,7 @@ def _hash_fd(fd: int, path: str, expected: FileStat | None, view: memoryview) ->
                     return Changed("grew while being read", FileStat.from_os(os.fstat(fd)))
         after = FileStat.from_os(os.fstat(fd))
     except OSError as exc:
-        return Unreadable(_describe(exc))
+        return Unreadable(describe_os_error(exc))
     if after != before:
         return Changed("modified while being read", after)
     if total != before.size:
@@ -149,7 +150,7 @@ def _hash_fd(fd: int, path: str, expected: FileStat | None, view: memoryview) ->
     except OSError as exc:
         if exc.errno in _VANISHED_ERRNOS:
             return Vanished("removed while being read")
-        return Unreadable(_describe(exc))
+        return Unreadable(describe_os_error(exc))
     now = FileStat.from_os(at_path)
     if now != before:
         return Changed("replaced while being read", now)
@@ -197,3 +198,83 @@ class Hasher:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# -- the hash stage ----------------------------------------------------------------------------------
+
+
+async def run(
+    hash_q: asyncio.Queue[Candidate | None],
+    *,
+    hasher: Hasher,
+    manifest: Manifest,
+    commit: CommitPolicy,
+    submit: Callable[[UploadJob], Awaitable[None]],
+    resettle: Callable[[Candidate], None],
+    unreadable: UnreadableLog,
+    counters: Counters,
+) -> None:
+    """Candidates in until ``None``; up to ``hasher.workers`` files at once. Out: ``submit(UploadJob)`` for
+    every row that needs a remote file, ``resettle(candidate)`` for a file that changed while read."""
+
+    async def one(cand: Candidate) -> None:
+        await _hash_one(
+            cand,
+            hasher=hasher,
+            manifest=manifest,
+            submit=submit,
+            resettle=resettle,
+            unreadable=unreadable,
+            counters=counters,
+        )
+        commit.maybe()
+
+    await supervised(hash_q, one, workers=hasher.workers, counters=counters, what="hashing")
+
+
+async def _hash_one(
+    cand: Candidate,
+    *,
+    hasher: Hasher,
+    manifest: Manifest,
+    submit: Callable[[UploadJob], Awaitable[None]],
+    resettle: Callable[[Candidate], None],
+    unreadable: UnreadableLog,
+    counters: Counters,
+) -> None:
+    key = cand.key
+    entry = manifest.get(key)
+    seen = statkey(cand.stat)
+    if entry is not None and not needs_hash(entry.stat, entry.state, seen):
+        if entry.missing_since is not None:
+            manifest.clear_missing(key)
+        if entry.state in (State.QUEUED, State.UPLOADING):
+            intent = entry.updated_at if entry.state is State.UPLOADING else None
+            await submit(UploadJob(key, cand.path, entry.md5, entry.purpose, seen, intent))
+        else:
+            counters.unchanged += 1
+        return
+    result = await hasher.hash(str(cand.path), cand.stat)
+    if isinstance(result, Changed):
+        resettle(cand)
+        return
+    if isinstance(result, Vanished):
+        return
+    if isinstance(result, Unreadable):
+        counters.unreadable += 1
+        unreadable.report(cand.root_id, cand.relpath, result.reason)
+        return
+    counters.hashed += 1
+    unreadable.readable(cand.root_id, cand.relpath)
+    purpose = cand.root.rules.purpose_for(cand.relpath)
+    stat = statkey(result.stat)
+    action = after_hash(entry, seen=stat, xxh3=result.xxh3, md5=result.md5, purpose=purpose)
+    if isinstance(action, NeedRemote):
+        manifest.mark_queued(key, xxh3=result.xxh3, md5=result.md5, purpose=purpose, stat=stat)
+        await submit(UploadJob(key, cand.path, result.md5, purpose, stat))
+        return
+    if isinstance(action, Restat):
+        manifest.update_stat(key, action.stat)
+    elif entry is not None and entry.missing_since is not None:
+        manifest.clear_missing(key)
+    counters.unchanged += 1

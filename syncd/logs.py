@@ -63,3 +63,21 @@ def configure(
 def get_logger(**context: Any) -> structlog.typing.FilteringBoundLogger:
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(**context)
     return logger
+
+
+class Unreadable:
+    """Says "cannot read" once per path until the path is readable again, so a stuck file is one line,
+    not one per rescan; shared by the scan, settle and hash stages through its two methods."""
+
+    def __init__(self) -> None:
+        self._logged: set[tuple[int, str]] = set()
+        self._log = structlog.get_logger("syncd.files")
+
+    def report(self, root_id: int, relpath: str, reason: str) -> None:
+        if (root_id, relpath) not in self._logged:
+            self._logged.add((root_id, relpath))
+            self._log.error("cannot read; skipping until it changes", path=relpath, reason=reason)
+
+    def readable(self, root_id: int, relpath: str) -> None:
+        """The path was read: a relapse is logged again."""
+        self._logged.discard((root_id, relpath))

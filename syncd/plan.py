@@ -14,17 +14,21 @@ The per-file flow the daemon runs:
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Literal, Protocol
 
-from syncd.manifest import SETTLED, Entry, RemoteRef, State, StatKey
+from syncd.manifest import SETTLED, Entry, FileKey, RemoteRef, State, StatKey
+from syncd.roots import Root
+from syncd.scan import FileStat
 
 __all__ = [
     "RETRY_BASE_SECONDS",
     "RETRY_CAP_SECONDS",
+    "Candidate",
     "ErrorKind",
     "Failed",
     "Forget",
@@ -43,19 +47,66 @@ __all__ = [
     "Unchanged",
     "Upload",
     "UploadErrorAction",
+    "UploadJob",
     "after_hash",
+    "counts_as_missing",
+    "is_due",
     "needs_hash",
     "on_missing",
     "on_upload_error",
     "resolve",
     "retry_delay",
     "reuse_local",
+    "statkey",
 ]
 
 RETRY_BASE_SECONDS = 30.0
 """First retry of a failed upload, after the API client's own quick retries gave up (a guess)."""
 RETRY_CAP_SECONDS = 3600.0
 """Retries never stop (a network may be down for a day) but never wait more than an hour."""
+
+
+# what travels between the stages
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A path that may need hashing: a scan or a settled event saw it with this stat."""
+
+    root: Root
+    root_id: int
+    relpath: str
+    stat: FileStat
+
+    @property
+    def key(self) -> FileKey:
+        return FileKey(self.root_id, self.relpath)
+
+    @property
+    def path(self) -> Path:
+        return self.root.path / self.relpath
+
+
+@dataclass(frozen=True, slots=True)
+class UploadJob:
+    """A row that needs a remote file for (md5, purpose), as the hash stage (or recovery) saw it."""
+
+    key: FileKey
+    path: Path
+    md5: str
+    purpose: str
+    stat: StatKey
+    intent_at: float | None = None
+    """When the row was left `uploading` (a crash, a lost answer): when that intent was recorded."""
+
+
+def statkey(st: FileStat) -> StatKey:
+    return StatKey(st.size, st.mtime_ns, st.ctime_ns, st.inode)
+
+
+def is_due(entry: Entry, now: float) -> bool:
+    """Whether a waiting row may be sent now: never before its ``next_attempt_at`` (backoff, Retry-After)."""
+    return entry.next_attempt_at is None or entry.next_attempt_at <= now
 
 
 # 1. quick check
@@ -225,13 +276,16 @@ def on_upload_error(
     *,
     attempts: int,
     now: float,
+    retry_after: float | None = None,
     base: float = RETRY_BASE_SECONDS,
     cap: float = RETRY_CAP_SECONDS,
 ) -> UploadErrorAction:
-    """Permanent errors fail the row until the file changes; others retry with capped backoff, forever."""
+    """Permanent errors fail the row until the file changes; others retry with capped backoff, forever,
+    and never before the server's ``Retry-After`` (coming back earlier only earns another 429/503)."""
     if kind is ErrorKind.PERMANENT:
         return Failed(reason)
-    return Retry(now + retry_delay(attempts, base=base, cap=cap), reason)
+    wait = retry_delay(attempts, base=base, cap=cap)
+    return Retry(now + max(wait, retry_after or 0.0), reason)
 
 
 # 5. missing paths
@@ -260,6 +314,24 @@ class Forget:
 
 
 MissingAction = Keep | MarkMissing | MarkDeleted | Forget
+
+
+def counts_as_missing(
+    relpath: str, *, recursive: bool, accepted: Callable[[str], bool], unreadable: Sequence[str]
+) -> bool:
+    """Whether a row whose path a walk did not meet may be gone (then ``on_missing`` says when).
+
+    Not when the walk could not read its directory (``unreadable`` holds ``dir/`` prefixes; ``/`` is the
+    root itself), not for a file below the top of a non-recursive root, and not for a file the rules now
+    exclude: its remote copy stays (rclone keeps excluded files unless --delete-excluded; Syncthing never
+    deletes for an ignore pattern). The rescan and ``reconcile --dry-run`` both ask this.
+    """
+    if "/" in unreadable or (relpath + "/").startswith(tuple(unreadable)):
+        return False
+    if not recursive and "/" in relpath:
+        return False
+    return accepted(relpath)
+
 
 _NO_LIVE_REMOTE = frozenset({State.QUEUED, State.FAILED, State.EXPIRED})
 

@@ -6,25 +6,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-
-class _Counters(Protocol):
-    scanned: int
-    hashed: int
-    unchanged: int
-    uploaded: int
-    reused: int
-    failed: int
-    retry: int
-    bytes_uploaded: int
+from syncd.counters import Counters
 
 
 @asynccontextmanager
-async def show_progress(counters: _Counters, *, interval: float = 0.2) -> AsyncIterator[None]:
+async def show_progress(counters: Counters, *, interval: float = 0.2) -> AsyncIterator[None]:
     """Render the counters while the body runs; the display is on stderr so stdout stays clean."""
     columns = (
         TextColumn("[bold]{task.description}"),

@@ -34,21 +34,23 @@ Choices (design §4 is silent on them), and why:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections import defaultdict
-from collections.abc import Collection, Container, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Collection, Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
 
 import structlog
 
 from syncd.api import ApiError, FileResponse, FilesClient, NotFoundError
-from syncd.config import ReconcileConfig, WatchConfig
+from syncd.config import ReconcileConfig
+from syncd.counters import Counters
 from syncd.manifest import Entry, FileKey, Manifest, ManifestReader, OwnedRemote, State
-from syncd.plan import MarkDeleted, on_missing
-from syncd.roots import RootRecord, kept_by, observe_root, unavailable_reason
+from syncd.plan import MarkDeleted, counts_as_missing, on_missing
+from syncd.roots import Root, RootRecord, RootTable, kept_by, observe_root, unavailable_reason
 from syncd.rules import CompiledRules
 from syncd.scan import walk
 
@@ -78,13 +80,7 @@ CLOCK_SKEW_SECONDS = 300.0
 NOTE_HELD = "reconcile:held"
 NOTE_ERROR = "reconcile:error"
 
-_log = structlog.get_logger("syncd.reconcile")
-
-
-class Logger(Protocol):
-    def info(self, event: str, **kw: Any) -> Any: ...
-    def warning(self, event: str, **kw: Any) -> Any: ...
-    def error(self, event: str, **kw: Any) -> Any: ...
+log = structlog.get_logger("syncd.reconcile")
 
 
 class Why(StrEnum):
@@ -371,17 +367,6 @@ def _guard(
 # -- the dry run's view of the local side ------------------------------------------------------------
 
 
-class RootLike(Protocol):
-    """A configured root (``syncd.daemon.Root`` fits)."""
-
-    @property
-    def path(self) -> Path: ...
-    @property
-    def watch(self) -> WatchConfig: ...
-    @property
-    def rules(self) -> CompiledRules: ...
-
-
 @dataclass(frozen=True, slots=True)
 class LocalView:
     unavailable: dict[int, str]
@@ -389,7 +374,7 @@ class LocalView:
     """``synced`` rows a sync pass would mark deleted now (missing past grace, not moved by inode)."""
 
 
-def observe_local(roots: Sequence[RootLike], reader: ManifestReader, *, now: float) -> LocalView:
+def observe_local(roots: Sequence[Root], reader: ManifestReader, *, now: float) -> LocalView:
     """Read-only: root health and the rows a sync pass would mark deleted, for ``--dry-run``.
 
     Files not yet hashed are not known to the manifest; a missing file whose inode (and size) is found at
@@ -419,16 +404,17 @@ def observe_local(roots: Sequence[RootLike], reader: ManifestReader, *, now: flo
                 moved.add((result.stat.inode, result.stat.size))
             else:
                 unreadable.append(result.relpath + "/")
-        if "/" in unreadable:
-            continue  # the root itself could not be listed: nothing in it is known to be gone
-        blocked = tuple(unreadable)
+
+        def kept(relpath: str, rules: CompiledRules = rules) -> bool:
+            return rules.accepts(relpath, 0) is None
+
         for entry in reader.iter_root(record.root_id):
             if entry.state is not State.SYNCED or entry.relpath in seen:
                 continue
             # As the sync pass decides: unreadable is not gone, and excluded by the rules is not deleted.
-            if (entry.relpath + "/").startswith(blocked) or rules.accepts(entry.relpath, 0) is not None:
-                continue
-            if not root.watch.recursive and "/" in entry.relpath:
+            if not counts_as_missing(
+                entry.relpath, recursive=root.watch.recursive, accepted=kept, unreadable=unreadable
+            ):
                 continue
             if (entry.stat.inode, entry.stat.size) in moved:
                 continue
@@ -507,6 +493,50 @@ def _describe(action: Action, roots: Mapping[int, str]) -> str:
     return f"re-upload {_paths(action.keys, roots)}: {action.why.value} ({action.remote_id})"
 
 
+async def make_plan(
+    state_dir: Path,
+    client: FilesClient,
+    *,
+    settings: ReconcileConfig,
+    unavailable: Mapping[int, str],
+    now: float,
+    confirm: bool,
+    assume_deleted: Collection[FileKey] = frozenset(),
+) -> ReconcileReport:
+    """Full listing → plan, changing nothing (this is ``--dry-run``, and the first half of a run).
+
+    The manifest is read through its own read-only connection on a worker thread: the plan is over every
+    row, and work that grows with the manifest must not hold up the event loop (or need the lock).
+    """
+    try:
+        listing = {item.id: RemoteFile.from_response(item) for item in await client.list_all()}
+    except ApiError as exc:
+        failed = f"listing remote files failed, nothing planned: {exc}"
+        log.error("reconcile aborted", reason=failed)
+        return ReconcileReport(True, None, error=failed)
+
+    def plan() -> ReconcileReport:
+        with ManifestReader.open_readonly(state_dir) as reader:
+            root_paths = {r.root_id: r.path for r in reader.roots()}
+            made = plan_reconcile(
+                reader.iter_all(),
+                reader.owned_remotes(),
+                listing,
+                settings=settings,
+                unavailable=unavailable,
+                now=now,
+                confirm=confirm,
+                assume_deleted=assume_deleted,
+                root_paths=root_paths,
+            )
+        return ReconcileReport(True, made, root_paths=root_paths)
+
+    report = await asyncio.to_thread(plan)
+    for guard in report.plan.guards if report.plan is not None else ():
+        log.error("reconcile held", guard=guard)
+    return report
+
+
 async def reconcile(
     manifest: Manifest,
     client: FilesClient,
@@ -514,43 +544,24 @@ async def reconcile(
     settings: ReconcileConfig,
     unavailable: Mapping[int, str],
     now: float,
-    dry_run: bool,
     confirm: bool,
-    log: Logger = _log,
-    assume_deleted: Collection[FileKey] = frozenset(),
 ) -> ReconcileReport:
-    """One reconcile run: full listing → plan → guards → apply (unless ``dry_run``, which writes nothing).
+    """One reconcile run: full listing → plan → guards → apply; held plans and errors become notes.
 
-    Run it right after a sync pass (whose ``pipe.unavailable`` is ``unavailable``) so the manifest has
-    seen local changes. ``now`` must be read before this call: rows updated later are not judged against
-    the listing. Re-queued rows are uploaded by the next sync pass.
+    Run it right after a sync pass (whose root table gives ``unavailable``) so the manifest has seen
+    local changes. ``now`` must be read before this call: rows updated later are not judged against the
+    listing. Re-queued rows are uploaded by the next sync pass.
     """
-    root_paths = {r.root_id: r.path for r in manifest.roots()}
-    try:
-        listing = {item.id: RemoteFile.from_response(item) for item in await client.list_all()}
-    except ApiError as exc:
-        failed = f"listing remote files failed, nothing planned: {exc}"
-        log.error("reconcile aborted", reason=failed)
-        if not dry_run:
-            manifest.set_note(NOTE_ERROR, failed)
-            manifest.commit()
-        return ReconcileReport(dry_run, None, error=failed, root_paths=root_paths)
-    plan = plan_reconcile(
-        manifest.iter_all(),
-        manifest.owned_remotes(),
-        listing,
-        settings=settings,
-        unavailable=unavailable,
-        now=now,
-        confirm=confirm,
-        assume_deleted=assume_deleted,
-        root_paths=root_paths,
+    manifest.commit()  # the planner's own connection must see every row written so far
+    planned = await make_plan(
+        manifest.path.parent, client, settings=settings, unavailable=unavailable, now=now, confirm=confirm
     )
-    for guard in plan.guards:
-        log.error("reconcile held", guard=guard)
-    if dry_run:
-        return ReconcileReport(True, plan, root_paths=root_paths)
-    applied, error = await _apply(plan, manifest, client, log)
+    plan = planned.plan
+    if plan is None:
+        manifest.set_note(NOTE_ERROR, planned.error or "listing failed")
+        manifest.commit()
+        return replace(planned, dry_run=False)
+    applied, error = await _apply(plan, manifest, client)
     if plan.guards:
         manifest.set_note(NOTE_HELD, "; ".join(plan.guards))
     else:
@@ -568,12 +579,10 @@ async def reconcile(
         deleted=sum(1 for a in applied if isinstance(a, Prune) and a.listed),
         requeued=sum(len(a.rows) for a in applied if isinstance(a, Requeue)),
     )
-    return ReconcileReport(False, plan, tuple(applied), error, root_paths)
+    return ReconcileReport(False, plan, tuple(applied), error, planned.root_paths)
 
 
-async def _apply(
-    plan: Plan, manifest: Manifest, client: FilesClient, log: Logger
-) -> tuple[list[Action], str | None]:
+async def _apply(plan: Plan, manifest: Manifest, client: FilesClient) -> tuple[list[Action], str | None]:
     """Manifest-only actions first (one commit), then each delete: remote first, then its rows, commit."""
     applied: list[Action] = []
     remote: list[Prune] = []
@@ -643,3 +652,46 @@ def _finish_prune(manifest: Manifest, prune: Prune) -> None:
                     entry.key, xxh3=entry.xxh3, md5=entry.md5, purpose=entry.purpose, stat=entry.stat
                 )
     manifest.forget_owned(prune.remote_id)
+
+
+# -- the stage -------------------------------------------------------------------------------------------
+
+
+async def run(
+    stop: asyncio.Event,
+    *,
+    ready: Awaitable[object],
+    roots: RootTable,
+    manifest: Manifest,
+    client: FilesClient,
+    settings: ReconcileConfig,
+    forget: Callable[[], None],
+    clock: Callable[[], float],
+    counters: Counters,
+    finished: Callable[[float], None],
+) -> None:
+    """Every ``interval_seconds`` once ``ready`` (every root scanned once): fresh root guards, then one
+    run; returns when ``stop`` is set. ``forget`` drops the upload stage's listing, which a prune makes
+    stale; ``finished(when)`` records the run for `status`."""
+    await ready
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.interval_seconds)
+        if stop.is_set():
+            return
+        try:
+            for root in roots.roots:
+                await roots.refresh(root)  # a root may have vanished since its scan
+            forget()
+            await reconcile(
+                manifest,
+                client,
+                settings=settings,
+                unavailable=dict(roots.unavailable),
+                now=clock(),
+                confirm=False,
+            )
+        except Exception:
+            counters.crashed += 1
+            log.exception("reconcile failed unexpectedly; trying again next interval")
+        finished(clock())

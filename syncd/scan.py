@@ -96,7 +96,8 @@ class ScanStats:
     errors: int = 0
 
 
-def _describe(exc: OSError) -> str:
+def describe_os_error(exc: OSError) -> str:
+    """`ENOENT: No such file or directory`: the errno name for logs and status, then the text."""
     name = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
     return f"{name}: {exc.strerror or exc}"
 
@@ -112,7 +113,7 @@ def stat_path(path: str) -> FileStat | StatError | None:
     except OSError as exc:
         if exc.errno in _GONE_ERRNOS:
             return None
-        return StatError(_describe(exc))
+        return StatError(describe_os_error(exc))
     if not S_ISREG(st.st_mode):
         return None
     return FileStat.from_os(st)
@@ -155,7 +156,7 @@ def walk(
                     continue
                 dirrel = ""  # the root itself is missing
             counters.errors += 1
-            yield ScanResult(dirrel, None, _describe(exc))
+            yield ScanResult(dirrel, None, describe_os_error(exc))
             continue
         counters.dirs += 1
         prefix = dirrel + "/" if dirrel else ""
@@ -175,7 +176,7 @@ def walk(
                     except OSError as exc:
                         if exc.errno not in _GONE_ERRNOS:
                             counters.errors += 1
-                            yield ScanResult(rel, None, _describe(exc))
+                            yield ScanResult(rel, None, describe_os_error(exc))
                         continue
                     if not S_ISREG(st.st_mode):
                         if S_ISLNK(st.st_mode):
@@ -193,6 +194,6 @@ def walk(
             except OSError as exc:
                 # readdir itself failed part-way (EIO, ESTALE): report the directory once.
                 counters.errors += 1
-                yield ScanResult(dirrel, None, _describe(exc))
+                yield ScanResult(dirrel, None, describe_os_error(exc))
         # Reverse so the depth-first order follows scandir's order within each directory.
         stack.extend(reversed(subdirs))

@@ -19,10 +19,6 @@ class Notifier:
         # Ping at half the interval systemd allows, as sd_watchdog_enabled(3) advises.
         self.watchdog_interval: float | None = int(usec) / 2e6 if wanted else None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._address)
-
     def notify(self, *lines: str) -> None:
         if not self._address:
             return

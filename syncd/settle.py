@@ -58,12 +58,11 @@ import heapq
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from syncd.scan import FileStat, StatError
 
 HintKind = Literal["created", "modified", "closed", "moved_in", "attrib", "deleted", "rescan", "scanned"]
-HINT_KINDS: frozenset[str] = frozenset(get_args(HintKind))
 
 Key = tuple[int, str]
 """(root_index, relpath): relpath is posix, relative to the root; "" is the root itself."""

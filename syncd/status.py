@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
-from pathlib import Path
+import time
 from typing import Any
 
 import typer
 
 from syncd.config import Config
-from syncd.manifest import LOCK_NAME, ManifestMissing, ManifestReader, SchemaMismatch
-
-
-def daemon_running(state_dir: Path) -> bool:
-    """True when some process holds the state dir's lock (probing with a shared lock changes nothing)."""
-    try:
-        fd = os.open(state_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+from syncd.manifest import ManifestMissing, ManifestReader, SchemaMismatch
+from syncd.state import daemon_running, read_live
 
 
 def collect(config: Config) -> dict[str, Any]:
     """Counts per state, bytes queued, last errors and held prunes/roots, as plain data."""
     state_dir = config.state_dir
-    report: dict[str, Any] = {"state_dir": str(state_dir), "running": daemon_running(state_dir)}
+    running = daemon_running(state_dir)
+    report: dict[str, Any] = {"state_dir": str(state_dir), "running": running}
+    live = read_live(state_dir) if running else None
+    if live is not None:
+        live["age_seconds"] = round(max(0.0, time.time() - float(live.get("written_at") or 0.0)), 1)
+    report["live"] = live
     try:
         reader = ManifestReader.open_readonly(state_dir)
     except (ManifestMissing, SchemaMismatch) as exc:
@@ -62,6 +51,19 @@ def render(report: dict[str, Any]) -> None:
         return
     typer.echo("files: " + (", ".join(f"{n} {state}" for state, n in counts.items() if n) or "none"))
     typer.echo(f"bytes queued: {report['bytes_queued']:,}")
+    live = report.get("live")
+    if live:
+        queues = ", ".join(f"{stage} {n}" for stage, n in sorted(live.get("queues", {}).items()))
+        typer.echo(
+            f"daemon: pid {live.get('pid')}, {live.get('in_flight', 0)} in flight"
+            f" (depth {live.get('concurrency', 0)}), queues: {queues or 'empty'},"
+            f" crashed jobs: {live.get('crashed', 0)} (as of {live['age_seconds']:.0f} s ago)"
+        )
+        if live.get("crashed"):
+            typer.echo("warning: jobs crashed on a bug (see the log for tracebacks); their rows are retried")
+        if live.get("last_reconcile_at"):
+            ago = time.time() - float(live["last_reconcile_at"])
+            typer.echo(f"last reconcile: {ago:.0f} s ago")
     for root in report["roots"]:
         typer.echo(f"root {root['path']}: {root['files']} files")
     for err in report["last_errors"]:

@@ -1,21 +1,26 @@
-"""Upload stage: manifest's own remote ids, then the remote cache, then a recorded-intent upload.
+"""The upload stage: the manifest's own remote ids, then the remote cache, then a recorded-intent upload.
 
-Decisions come from `syncd.plan`; this module performs them against the manifest and the API client
-and reports each job's outcome as data, so the daemon can count, log and route (back to settle).
+Decisions come from `syncd.plan`; this module performs them against the manifest and the API client.
+Its input is a `JobQueue` (a row is never queued twice), its outputs are the manifest's rows and
+``resettle(key)`` for a file that changed under an upload. A row is never sent before its
+``next_attempt_at`` (``due``): backoff and a server's ``Retry-After`` are honoured whoever submits it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import math
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 
 from syncd.api import ApiError, AuthError, FileResponse, FilesClient, SourceChangedError
-from syncd.manifest import FileKey, Manifest, StatKey
-from syncd.plan import ErrorKind, Failed, Reuse, on_upload_error, resolve
+from syncd.counters import Counters
+from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, State
+from syncd.plan import ErrorKind, Failed, Reuse, UploadJob, on_upload_error, resolve, retry_delay
+from syncd.supervise import supervised
 
 log = structlog.get_logger("syncd.upload")
 
@@ -31,17 +36,7 @@ class Outcome(enum.Enum):
     RETRY = "retry"  # retryable error; the row is queued with next_attempt_at
     CHANGED = "changed"  # the file changed under us: send the path back to settle
     STALE = "stale"  # the row moved on to other content meanwhile: nothing to do
-
-
-@dataclass(frozen=True, slots=True)
-class UploadJob:
-    key: FileKey
-    path: Path
-    md5: str
-    purpose: str
-    stat: StatKey
-    # When the row was left `uploading` by a crash: when that intent was recorded.
-    intent_at: float | None = None
+    WAITING = "waiting"  # not due yet (backoff, Retry-After): the retry sweep submits it again when due
 
 
 RemoteIndex = Mapping[tuple[str, str], FileResponse]
@@ -133,6 +128,7 @@ async def _upload(
             expected=(job.stat.size, job.stat.mtime_ns),
         )
     except SourceChangedError:
+        # Cut short before its last byte: the server stores nothing from it.
         manifest.mark_retry(job.key, md5=job.md5, error="changed during upload", next_attempt_at=clock())
         return Outcome.CHANGED
     except ApiError as exc:
@@ -185,18 +181,23 @@ def _record_error(
     permanent: bool | None = None,
     sent: bool = False,
 ) -> Outcome:
+    """Fail the row (a rejection of this content) or schedule its retry, never before a server's
+    ``Retry-After``. ``sent``: the request may have landed, so an ``uploading`` row keeps its intent."""
     reason = f"{type(exc).__name__}: {exc.detail}" + (f" (HTTP {exc.status})" if exc.status else "")
     row = manifest.get(job.key)
     attempts = row.attempts if row is not None else 0
     rejected = exc.permanent if permanent is None else permanent
     kind = ErrorKind.PERMANENT if rejected else ErrorKind.RETRYABLE
-    action = on_upload_error(kind, reason, attempts=attempts, now=clock())
+    action = on_upload_error(kind, reason, attempts=attempts, now=clock(), retry_after=exc.retry_after)
     if isinstance(action, Failed):
         manifest.mark_failed(job.key, md5=job.md5, reason=action.reason)
         log.error("upload rejected", path=job.key.relpath, md5=job.md5, reason=action.reason)
         return Outcome.FAILED
-    retry = manifest.mark_upload_retry if sent else manifest.mark_retry
-    retry(job.key, md5=job.md5, error=action.error, next_attempt_at=action.next_attempt_at)
+    # A failed lookup for a row a crash left `uploading` says nothing about that earlier request either.
+    keep = sent or job.intent_at is not None
+    manifest.mark_retry(
+        job.key, md5=job.md5, error=action.error, next_attempt_at=action.next_attempt_at, keep_intent=keep
+    )
     level = log.error if isinstance(exc, AuthError) else log.warning
     level(
         "upload will be retried",
@@ -206,3 +207,167 @@ def _record_error(
         retry_in=round(action.next_attempt_at - clock(), 1),
     )
     return Outcome.RETRY
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+
+PREFETCH_LISTING_MIN = 64  # at least this many new files make one listing cheaper than N hash lookups
+LISTING_PAGES_PER_FILE = 0.05  # give up on the listing beyond one page per 20 new files (huge remotes)
+INDEX_TTL_SECONDS = 600.0  # after this, a cache check asks the server again
+
+
+class JobQueue:
+    """The upload stage's input: a bounded queue, and the keys waiting in it or being worked on, so a
+    row is queued once however many scans, events and retry sweeps submit it."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.queue: asyncio.Queue[UploadJob | None] = asyncio.Queue(maxsize)
+        self.pending: set[FileKey] = set()
+
+    async def submit(self, job: UploadJob) -> None:
+        if job.key not in self.pending:
+            self.pending.add(job.key)
+            await self.queue.put(job)
+
+    def done(self, key: FileKey) -> None:
+        self.pending.discard(key)
+
+    def drop_waiting(self) -> None:
+        """Forget jobs not started yet (shutdown): their rows stay `queued` and resume at the next start."""
+        while not self.queue.empty():
+            job = self.queue.get_nowait()
+            if job is not None:
+                self.pending.discard(job.key)
+
+
+class RemoteCache:
+    """One paginated listing instead of a hash lookup per file during an initial sync, if the listing
+    carries md5 (our server's extension; the public API's does not, and then lookups are used).
+
+    It stands for the remote only briefly (remote files come and go), and not at all once a reconcile may
+    have pruned (``forget``).
+    """
+
+    def __init__(self, client: FilesClient, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._client = client
+        self._clock = clock
+        self._expected = 0
+        self._listing: asyncio.Task[RemoteIndex | None] | None = None
+        self._made_at = -math.inf
+
+    def expect(self, files: int) -> None:
+        """``files`` more candidates are on their way: start the listing once there are enough."""
+        self._expected += files
+        if self._listing is None and self._expected >= PREFETCH_LISTING_MIN:
+            self._listing = asyncio.ensure_future(self._list())
+            self._made_at = self._clock()
+
+    def forget(self) -> None:
+        self._made_at = -math.inf
+
+    async def index(self) -> RemoteIndex | None:
+        if self._listing is None or self._clock() - self._made_at >= INDEX_TTL_SECONDS:
+            return None
+        return await self._listing
+
+    def close(self) -> None:
+        if self._listing is not None:
+            self._listing.cancel()
+
+    async def _list(self) -> RemoteIndex | None:
+        index: dict[tuple[str, str], FileResponse] = {}
+        listed = 0
+        try:
+            async for item in self._client.iter_all():
+                if item.md5 is None:
+                    return None  # the public API's shape: fall back to per-file lookups
+                index.setdefault((item.md5, item.purpose), item)  # newest first: keep the first
+                listed += 1
+                if listed > max(2, self._expected * LISTING_PAGES_PER_FILE) * 1000:
+                    return None  # far more remote files than new local ones: lookups are cheaper
+        except ApiError as exc:
+            log.info("listing for the initial sync failed; using per-file lookups", error=exc.detail)
+            return None
+        return index
+
+
+async def run(
+    jobs: JobQueue,
+    *,
+    manifest: Manifest,
+    client: FilesClient,
+    cache: RemoteCache,
+    commit: CommitPolicy,
+    resettle: Callable[[FileKey], None],
+    due: Callable[[Entry], bool],
+    clock: Callable[[], float],
+    counters: Counters,
+    concurrency: Callable[[], int],
+) -> None:
+    """Jobs in until ``None``, up to ``concurrency()`` at once; each row ends synced, failed or scheduled."""
+    inflight: dict[tuple[str, str], asyncio.Event] = {}
+
+    async def one(job: UploadJob) -> None:
+        try:
+            outcome = await _resolve(job)
+        finally:
+            jobs.done(job.key)
+        _count(outcome, job)
+        commit.maybe()
+
+    async def _resolve(job: UploadJob) -> Outcome:
+        slot = (job.md5, job.purpose)
+        while (busy := inflight.get(slot)) is not None:
+            # Same content at another path is being resolved: wait, then reuse its remote file.
+            await busy.wait()
+        current = manifest.get(job.key)
+        if (
+            current is None
+            or current.state not in (State.QUEUED, State.UPLOADING)
+            or (current.md5, current.purpose) != (job.md5, job.purpose)
+        ):
+            return Outcome.STALE  # another job for this path got there first, or the content moved on
+        if not due(current):
+            return Outcome.WAITING
+        done = inflight[slot] = asyncio.Event()
+        counters.in_flight += 1
+        try:
+            return await sync_job(
+                job,
+                manifest=manifest,
+                client=client,
+                clock=clock,
+                remote_index=await cache.index(),
+                intent_window=client.longest_upload(job.stat.size),
+            )
+        finally:
+            counters.in_flight -= 1
+            del inflight[slot]
+            done.set()
+
+    def _count(outcome: Outcome, job: UploadJob) -> None:
+        if outcome is Outcome.UPLOADED:
+            counters.uploaded += 1
+            counters.bytes_uploaded += job.stat.size
+        elif outcome is Outcome.REUSED:
+            counters.reused += 1
+        elif outcome is Outcome.FAILED:
+            counters.failed += 1
+        elif outcome is Outcome.RETRY:
+            counters.retry += 1
+        elif outcome is Outcome.CHANGED:
+            resettle(job.key)
+
+    def crashed(job: UploadJob, exc: Exception) -> None:
+        row = manifest.get(job.key)
+        if row is not None and row.state in (State.QUEUED, State.UPLOADING) and row.md5 == job.md5:
+            # The request may have gone out: an `uploading` row keeps its intent.
+            manifest.mark_retry(
+                job.key,
+                md5=job.md5,
+                error=f"internal error: {exc!r}",
+                next_attempt_at=clock() + retry_delay(row.attempts),
+                keep_intent=True,
+            )
+
+    await supervised(jobs.queue, one, workers=concurrency, counters=counters, what="upload", on_crash=crashed)

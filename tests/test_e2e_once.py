@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import ServerFactory, Syncd, md5_of
 
-from syncd.manifest import MANIFEST_NAME, State
+from syncd.manifest import State
 from syncd.server import RunningServer
+from syncd.state import MANIFEST_NAME
 
 MakeSyncd = Callable[..., Syncd]
 

@@ -18,11 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncd.manifest import (
-    MANIFEST_NAME,
     REMOVABLE,
     RETRYABLE_FROM,
     SCHEMA_VERSION,
-    AlreadyRunning,
+    TRANSITIONS,
     FileKey,
     InvalidTransition,
     Manifest,
@@ -30,10 +29,9 @@ from syncd.manifest import (
     ManifestReader,
     SchemaMismatch,
     State,
-    StateLock,
     StatKey,
-    can_transition,
 )
+from syncd.state import MANIFEST_NAME, AlreadyRunning, StateLock
 
 REPO = Path(__file__).resolve().parents[1]
 STAT = StatKey(size=10, mtime_ns=1_700_000_000_000_000_000, ctime_ns=1_700_000_000_000_000_001, inode=42)
@@ -122,7 +120,7 @@ def test_upload_lifecycle_and_status_queries(manifest: Manifest, clock: Clock) -
     queue(manifest, b, xxh3=X2, md5=M2)
     assert manifest.bytes_queued() == 2 * STAT.size
     assert manifest.mark_uploading(a, md5=M1)
-    assert [e.relpath for e in manifest.uploading_rows()] == ["a.pdf"]
+    assert [e.relpath for e in manifest.in_state(State.UPLOADING)] == ["a.pdf"]
     clock.now += 1
     assert manifest.mark_retry(a, md5=M1, error="503 from server", next_attempt_at=clock.now + 30)
     assert manifest.mark_uploading(a, md5=M1)
@@ -302,7 +300,7 @@ def _allowed(state: State | None, op: str) -> tuple[bool, State | None]:
     if op == "retry":
         return state in RETRYABLE_FROM, State.QUEUED
     target = State(op)
-    return can_transition(state, target), target
+    return target in TRANSITIONS[state], target
 
 
 @settings(max_examples=150, deadline=None)
@@ -327,14 +325,14 @@ def test_every_transition_follows_the_state_table(shared_manifest: Manifest, ops
 
 
 def test_the_table_matches_design_section_3() -> None:
-    assert can_transition(None, State.QUEUED)
-    assert can_transition(State.QUEUED, State.SYNCED)  # cache hit
-    assert can_transition(State.UPLOADING, State.QUEUED)  # retryable error
-    assert can_transition(State.SYNCED, State.EXPIRED)
-    assert not can_transition(State.FAILED, State.UPLOADING)  # not retried until the file changes
-    assert not can_transition(State.EXPIRED, State.UPLOADING)
-    assert not can_transition(State.UPLOADING, State.DELETED)  # an upload in flight finishes first
-    assert not can_transition(State.DELETED, State.SYNCED)
+    assert State.QUEUED in TRANSITIONS[None]
+    assert State.SYNCED in TRANSITIONS[State.QUEUED]  # cache hit
+    assert State.QUEUED in TRANSITIONS[State.UPLOADING]  # retryable error
+    assert State.EXPIRED in TRANSITIONS[State.SYNCED]
+    assert State.UPLOADING not in TRANSITIONS[State.FAILED]  # not retried until the file changes
+    assert State.UPLOADING not in TRANSITIONS[State.EXPIRED]
+    assert State.DELETED not in TRANSITIONS[State.UPLOADING]  # an upload in flight finishes first
+    assert State.SYNCED not in TRANSITIONS[State.DELETED]
     assert State.SYNCED not in REMOVABLE  # a live reference goes through "deleted"
 
 
@@ -388,7 +386,7 @@ def test_batched_writes_are_invisible_to_readers_until_committed(manifest: Manif
     queue(manifest, FileKey(1, "b.pdf"))
     queue(manifest, FileKey(1, "c.pdf"))
     assert manifest.mark_uploading(FileKey(1, "c.pdf"), md5=M1)  # the intent is durable at once
-    assert [e.relpath for e in reader.uploading_rows()] == ["c.pdf"]
+    assert [e.relpath for e in reader.in_state(State.UPLOADING)] == ["c.pdf"]
     reader.close()
 
 
@@ -422,7 +420,8 @@ CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from syncd.manifest import FileKey, Manifest, StateLock, StatKey
+    from syncd.manifest import FileKey, Manifest, StatKey
+    from syncd.state import StateLock
 
     with StateLock(Path(sys.argv[1])) as lock:
         m = Manifest.open(lock)

@@ -21,10 +21,14 @@ from vlmrun.client import VLMRun
 
 from syncd.api import FileResponse, FilesClient
 from syncd.config import Config, parse_config
-from syncd.daemon import Pipeline, build_roots, sync_pass
-from syncd.manifest import Entry, Manifest, ManifestReader, State, StateLock
-from syncd.reconcile import NOTE_ERROR, NOTE_HELD, ReconcileReport, observe_local, reconcile
+from syncd.counters import Counters
+from syncd.daemon import Run
+from syncd.manifest import Entry, Manifest, ManifestReader, State
+from syncd.once import sync_pass
+from syncd.reconcile import NOTE_ERROR, NOTE_HELD, ReconcileReport, make_plan, observe_local, reconcile
+from syncd.roots import RootTable, build_roots
 from syncd.server import RunningServer
+from syncd.state import StateLock
 
 DAY = 86400.0
 
@@ -104,13 +108,10 @@ class Harness:
             base_url=self.server.base_url, api_key=self.server.api_key, retries=0, transport=transport
         )
 
-    async def _pass(self, manifest: Manifest, client: FilesClient, *, confirm: bool = False) -> Pipeline:
-        pipe = Pipeline(self.config, manifest, client, clock=self.now, confirm_roots=confirm)
-        try:
-            await sync_pass(pipe)
-        finally:
-            await pipe.close()
-        return pipe
+    async def _pass(self, manifest: Manifest, client: FilesClient, *, confirm: bool = False) -> RootTable:
+        roots = RootTable(build_roots(self.config), manifest, confirm=confirm)
+        await sync_pass(Run(self.config, manifest, client, roots, Counters(), clock=self.now))
+        return roots
 
     async def _run(self, client: FilesClient, *, dry_run: bool, confirm: bool) -> ReconcileReport:
         with StateLock(self.state) as lock:
@@ -118,19 +119,23 @@ class Harness:
             try:
                 if dry_run:
                     view = observe_local(build_roots(self.config), manifest, now=self.now())
-                    unavailable, gone = view.unavailable, view.gone
-                else:
-                    pipe = await self._pass(manifest, client, confirm=confirm)
-                    unavailable, gone = pipe.unavailable, frozenset()
+                    return await make_plan(
+                        self.state,
+                        client,
+                        settings=self.config.reconcile,
+                        unavailable=view.unavailable,
+                        now=self.now(),
+                        confirm=confirm,
+                        assume_deleted=view.gone,
+                    )
+                roots = await self._pass(manifest, client, confirm=confirm)
                 report = await reconcile(
                     manifest,
                     client,
                     settings=self.config.reconcile,
-                    unavailable=unavailable,
+                    unavailable=dict(roots.unavailable),
                     now=self.now(),
-                    dry_run=dry_run,
                     confirm=confirm,
-                    assume_deleted=gone,
                 )
                 if report.requeued:
                     await self._pass(manifest, client)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from syncd.config import Config, parse_config
-from syncd.daemon import sync_once
 from syncd.manifest import ManifestReader, State
+from syncd.once import sync_once
 from syncd.server import RunningServer
 
 

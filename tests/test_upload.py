@@ -16,10 +16,12 @@ import pytest
 
 from syncd.api import FilesClient
 from syncd.hashing import Digest, hash_file
-from syncd.manifest import FileKey, Manifest, State, StateLock, StatKey
-from syncd.plan import RETRY_BASE_SECONDS
+from syncd.manifest import FileKey, Manifest, State
+from syncd.plan import RETRY_BASE_SECONDS, UploadJob, statkey
+from syncd.scan import FileStat
 from syncd.server import RunningServer
-from syncd.upload import Outcome, UploadJob, sync_job
+from syncd.state import StateLock
+from syncd.upload import Outcome, sync_job
 
 pytestmark = pytest.mark.anyio
 
@@ -68,7 +70,7 @@ def queue_file(
     path.write_bytes(data)
     digest = hash_file(str(path))
     assert isinstance(digest, Digest)
-    stat = StatKey.from_stat(os.stat(path))
+    stat = statkey(FileStat.from_os(os.stat(path)))
     key = FileKey(1, relpath)
     manifest.mark_queued(key, xxh3=digest.xxh3, md5=digest.md5, purpose=purpose, stat=stat)
     manifest.commit()

@@ -32,7 +32,8 @@ import pydantic
 
 from syncd.api.errors import ApiError, NetworkError, NotFoundError, SourceChangedError, error_for_status
 from syncd.api.models import FileResponse, PresignedUrlResponse
-from syncd.api.retry import RetryPolicy, call_with_retries, parse_retry_after
+from syncd.api.retry import MAX_RETRY_AFTER_SECONDS, RetryPolicy, call_with_retries, parse_retry_after
+from syncd.config import CONCURRENCY, PRESIGNED_THRESHOLD, RETRIES, TIMEOUT_SECONDS
 
 T = TypeVar("T")
 
@@ -159,17 +160,17 @@ class FilesClient:
         *,
         base_url: str,
         api_key: str,
-        timeout: float = 30.0,
-        retries: int = 5,
-        concurrency: int = 8,
-        presigned_threshold: int = 32 * 2**20,
+        timeout: float = TIMEOUT_SECONDS,
+        retries: int = RETRIES,
+        concurrency: int = CONCURRENCY,
+        presigned_threshold: int = PRESIGNED_THRESHOLD,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         uniform: Callable[[], float] = random.random,
         user_agent: str | None = None,
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
-        max_retry_after: float = 120.0,
+        max_retry_after: float = MAX_RETRY_AFTER_SECONDS,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -196,6 +197,13 @@ class FilesClient:
             transport=transport,
             follow_redirects=False,
         )
+
+    def longest_upload(self, size: int) -> float:
+        """The longest one upload of ``size`` bytes can take, every attempt and wait included: it bounds
+        which remote files created after a crash's recorded intent can be ours."""
+        per_attempt = self._timeout + size / FLOOR_THROUGHPUT
+        policy = self._policy
+        return (per_attempt + max(policy.cap, policy.max_retry_after)) * policy.attempts
 
     async def __aenter__(self) -> Self:
         return self

@@ -20,10 +20,12 @@ class ApiError(Exception):
     retryable: bool = False
     permanent: bool = False
 
-    def __init__(self, detail: str, *, status: int | None = None) -> None:
+    def __init__(self, detail: str, *, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {detail}" if status is not None else detail)
         self.status = status
         self.detail = detail
+        self.retry_after = retry_after
+        """The server's ``Retry-After`` in seconds (429 and 503 carry one, RFC 9110 §10.2.3), if sent."""
 
 
 class AuthError(ApiError):
@@ -56,10 +58,6 @@ class RateLimitedError(ApiError):
     """429: too many requests; ``retry_after`` is the server's ``Retry-After`` in seconds, if it sent one."""
 
     retryable = True
-
-    def __init__(self, detail: str, *, status: int | None = 429, retry_after: float | None = None) -> None:
-        super().__init__(detail, status=status)
-        self.retry_after = retry_after
 
 
 class ServerError(ApiError):
@@ -102,5 +100,5 @@ def error_for_status(status: int, detail: str, *, retry_after: float | None = No
     if status == 429:
         return RateLimitedError(detail, status=status, retry_after=retry_after)
     if status >= 500:
-        return ServerError(detail, status=status)
+        return ServerError(detail, status=status, retry_after=retry_after if status == 503 else None)
     return ApiError(detail, status=status)

@@ -7,20 +7,11 @@ optional ones (``md5``) are how syncd notices an extension before it relies on i
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Purpose = Literal[
-    "fine-tune",
-    "assistants",
-    "assistants_output",
-    "batch",
-    "batch_output",
-    "vision",
-    "datasets",
-]
-PURPOSES: tuple[str, ...] = get_args(Purpose)
+from syncd.config import PURPOSES as PURPOSES
+from syncd.config import Purpose as Purpose
 
 
 class _Wire(BaseModel):

@@ -26,9 +26,12 @@ from typing import TypeVar
 
 import structlog
 
-from syncd.api.errors import ApiError, RateLimitedError
+from syncd.api.errors import ApiError
 
 T = TypeVar("T")
+
+MAX_RETRY_AFTER_SECONDS = 120.0
+"""The longest one call parks on a server's ``Retry-After``; a longer one goes to the upload stage."""
 
 log = structlog.get_logger("syncd.api")
 
@@ -38,14 +41,14 @@ class RetryPolicy:
     """How often and how long to wait.
 
     ``attempts`` counts the first try. ``max_retry_after`` bounds how long one call may park on a server's
-    ``Retry-After``: beyond it the :class:`RateLimitedError` is raised with ``retry_after`` set, so the
-    uploader can schedule the row (``next_attempt_at``) instead of holding a worker for minutes.
+    ``Retry-After`` (429 or 503): beyond it the error is raised with ``retry_after`` set, and the upload
+    stage schedules the row (``next_attempt_at``) instead of holding a worker for minutes.
     """
 
     attempts: int = 6
     base: float = 0.5
     cap: float = 30.0
-    max_retry_after: float = 120.0
+    max_retry_after: float = MAX_RETRY_AFTER_SECONDS
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -104,7 +107,7 @@ async def call_with_retries(
         except ApiError as exc:
             if not exc.retryable or retry_num + 1 >= policy.attempts:
                 raise
-            retry_after = exc.retry_after if isinstance(exc, RateLimitedError) else None
+            retry_after = exc.retry_after
             if retry_after is not None and retry_after > policy.max_retry_after:
                 raise
             retry_num += 1

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -20,6 +23,7 @@ from syncd.server.faults import ResettableHttpToolsProtocol
 from syncd.server.settings import ServerSettings
 from syncd.server.stats import ServerStats
 from syncd.server.store import Clock, Store, utc_now
+from syncd.state import EMBEDDED_KEY_NAME, EMBEDDED_SERVER_DIR
 
 _START_TIMEOUT = 15.0
 _GRACEFUL_SECONDS = 3
@@ -124,3 +128,47 @@ def running_server(settings: ServerSettings, *, clock: Clock = utc_now) -> Itera
         thread.join(_GRACEFUL_SECONDS + 5)
         store.close()
         sock.close()
+
+
+def embedded_key(state_dir: Path) -> str:
+    """A random key for the embedded server, kept (0600) so SDK users on this machine can reuse it."""
+    path = state_dir / EMBEDDED_KEY_NAME
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        key = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(key + "\n")
+        return key
+
+
+class EmbeddedStartError(RuntimeError):
+    """The embedded server could not bind its address (a port in use, most often)."""
+
+
+@contextmanager
+def embedded_server(state_dir: Path, base_url: str) -> Iterator[RunningServer]:
+    """`syncd run --embedded`: a reference server on loopback for this process, data in the state dir.
+
+    It binds the host and port of ``base_url`` when that is a loopback address (else 127.0.0.1): embedded
+    means loopback only, whatever the config says. Only a failure to start is an `EmbeddedStartError`.
+    """
+    url = urlsplit(base_url)
+    host = url.hostname if url.hostname in ("127.0.0.1", "localhost", "::1") else "127.0.0.1"
+    settings = ServerSettings(
+        data_dir=state_dir / EMBEDDED_SERVER_DIR,
+        api_key=embedded_key(state_dir),
+        host=host or "127.0.0.1",
+        port=url.port or 8000,
+    )
+    stack = ExitStack()
+    try:
+        server = stack.enter_context(running_server(settings))
+    except OSError as exc:
+        raise EmbeddedStartError(
+            f"cannot start the embedded server on {settings.host}:{settings.port}: "
+            f"{exc.strerror or exc} (pick a free port)"
+        ) from None
+    with stack:
+        yield server
