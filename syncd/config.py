@@ -332,6 +332,16 @@ def load_config(path: Path | None = None) -> Config:
     return parse_config(raw, source=str(target), base=target.resolve().parent)
 
 
+def require_api_key(config: Config) -> str:
+    """The key, or a one-line error saying where a key can come from."""
+    if config.api_key is None:
+        raise ConfigError(
+            f"{config.source}: no API key: set VLMRUN_API_KEY, remote.api_key_file, or a systemd credential "
+            "api-key (or use `syncd run --embedded`)"
+        )
+    return config.api_key.get_secret_value()
+
+
 def redacted(config: Config) -> dict[str, Any]:
     """The effective config as plain data with the key masked, for check-config and logs."""
     data = config.model_dump(mode="json", exclude={"api_key", "source"})

@@ -27,15 +27,15 @@ import structlog
 
 from syncd import hashing, logs, reconcile, rescan, upload
 from syncd.api import FilesClient
-from syncd.config import Config, ConfigError, load_config
+from syncd.config import Config, ConfigError, load_config, require_api_key
 from syncd.counters import Counters
-from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest
-from syncd.plan import Candidate, is_due
+from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, ManifestReader
+from syncd.plan import Candidate, PathHint, is_due
 from syncd.rescan import RescanRequest
 from syncd.roots import Root, RootTable, build_roots, file_filter
 from syncd.scan import stat_path
 from syncd.service import Notifier
-from syncd.settle import Aggregator, Gone, PathHint, Ready, Rescan, Settled, StatFailed, settle_stage
+from syncd.settle import Aggregator, Gone, Ready, Rescan, Settled, StatFailed, settle_stage
 from syncd.state import EMBEDDED_KEY_NAME, LiveState, StateLock, live_path, remove_live, write_live
 
 log = structlog.get_logger("syncd.daemon")
@@ -53,15 +53,6 @@ MIN_QUIET_SECONDS = 0.05  # settle_seconds = 0 still debounces a burst of events
 # -- configuration helpers shared with once.py ----------------------------------------------------------
 
 
-def api_key(config: Config) -> str:
-    if config.api_key is None:
-        raise ConfigError(
-            f"{config.source}: no API key: set VLMRUN_API_KEY, remote.api_key_file, or a systemd credential "
-            "api-key (or use `syncd run --embedded`)"
-        )
-    return config.api_key.get_secret_value()
-
-
 def make_client(config: Config, base_url: str, key: str) -> FilesClient:
     r = config.remote
     return FilesClient(
@@ -72,14 +63,6 @@ def make_client(config: Config, base_url: str, key: str) -> FilesClient:
         concurrency=r.concurrency,
         presigned_threshold=r.presigned_threshold,
     )
-
-
-def configure_logging(config: Config, extra_secrets: tuple[str, ...] = (), *, quiet: bool = False) -> None:
-    secrets_ = tuple(s for s in (config.api_key.get_secret_value() if config.api_key else None,) if s)
-    level = config.log.level
-    if quiet and level in ("debug", "info"):
-        level = "warning"
-    logs.configure(fmt=config.log.format, level=level, secrets=secrets_ + extra_secrets)
 
 
 # -- the wiring ---------------------------------------------------------------------------------------
@@ -99,19 +82,37 @@ class Run:
     """Whether a waiting row may be sent now: the daemon honours its backoff, one pass retries all."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Pipes:
+    """The queues between the stages, and what several of them share; made once per wiring."""
+
+    hints: asyncio.Queue[PathHint]
+    rescans: asyncio.Queue[RescanRequest | None]
+    hash_q: asyncio.Queue[Candidate | None]
+    jobs: upload.JobQueue
+    scanned: dict[int, asyncio.Event]
+    commit: CommitPolicy
+    cache: upload.RemoteCache
+    unreadable: logs.UnreadableLog
+
+
 async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | None = None) -> None:
     """Run every stage. With ``halt`` (the daemon): watch and rescan until it is set, then drain. Without:
     one scan of every root and the rows left waiting, then drain and return."""
     config, manifest, roots, counters, clock = run.config, run.manifest, run.roots, run.counters, run.clock
     daemon = halt is not None
-    commit = CommitPolicy(manifest)
-    unreadable = logs.Unreadable()
-    cache = upload.RemoteCache(run.client)
-    hints: asyncio.Queue[PathHint] = asyncio.Queue(HINT_QUEUE)
-    rescans: asyncio.Queue[RescanRequest | None] = asyncio.Queue()  # coalesced by the rescan stage
-    hash_q: asyncio.Queue[Candidate | None] = asyncio.Queue(HASH_QUEUE)
-    jobs = upload.JobQueue(config.remote.concurrency * UPLOAD_QUEUE_PER_SLOT)
-    scanned = {root.index: asyncio.Event() for root in roots.roots}
+    q = _Pipes(
+        hints=asyncio.Queue(HINT_QUEUE),
+        rescans=asyncio.Queue(),  # unbounded: the rescan stage coalesces what piles up
+        hash_q=asyncio.Queue(HASH_QUEUE),
+        jobs=upload.JobQueue(config.remote.concurrency * UPLOAD_QUEUE_PER_SLOT),
+        scanned={root.index: asyncio.Event() for root in roots.roots},
+        commit=CommitPolicy(manifest),
+        cache=upload.RemoteCache(run.client),
+        unreadable=logs.UnreadableLog(),
+    )
+    hints, rescans, hash_q, jobs, commit, cache = q.hints, q.rescans, q.hash_q, q.jobs, q.commit, q.cache
+    hasher = hashing.Hasher()
 
     async def route(batch: list[Candidate]) -> None:
         """Scan finds: files quiet for settle_seconds go straight to hashing; fresher ones settle first."""
@@ -156,12 +157,12 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
         asyncio.create_task(
             hashing.run(
                 hash_q,
-                hasher=(hasher := hashing.Hasher()),
+                hasher=hasher,
                 manifest=manifest,
                 commit=commit,
                 submit=jobs.submit,
                 resettle=lambda cand: resettle(cand.root, cand.relpath),
-                unreadable=unreadable,
+                unreadable=q.unreadable,
                 counters=counters,
             )
         ),
@@ -172,8 +173,8 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
                 manifest=manifest,
                 commit=commit,
                 submit=route,
-                scanned=lambda root: scanned[root.index].set(),
-                unreadable=unreadable,
+                scanned=lambda root: q.scanned[root.index].set(),
+                unreadable=q.unreadable,
                 counters=counters,
                 clock=clock,
                 state_dir=config.state_dir,
@@ -191,22 +192,9 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
             await jobs.submit(job)
 
     try:
-        if daemon:
-            assert halt is not None
+        if halt is not None:
             await _watch_and_wait(
-                run,
-                halt=halt,
-                notifier=notifier or Notifier(),
-                hints=hints,
-                rescans=rescans,
-                hash_q=hash_q,
-                scanned=scanned,
-                sweep=sweep,
-                commit=commit,
-                cache=cache,
-                unreadable=unreadable,
-                in_queue={"hash": hash_q.qsize, "upload": jobs.queue.qsize},
-                stages=consumers,
+                run, q, halt=halt, notifier=notifier or Notifier(), sweep=sweep, stages=consumers
             )
             # Mirror-image shutdown: a walk in progress stops at once, files being read or sent finish,
             # and what waits in the queues is picked up again by the next start's scan.
@@ -255,18 +243,11 @@ async def _drain(upload_stage: asyncio.Task[None], *, daemon: bool) -> None:
 
 async def _watch_and_wait(
     run: Run,
+    q: _Pipes,
     *,
     halt: asyncio.Event,
     notifier: Notifier,
-    hints: asyncio.Queue[PathHint],
-    rescans: asyncio.Queue[RescanRequest | None],
-    hash_q: asyncio.Queue[Candidate | None],
-    scanned: dict[int, asyncio.Event],
     sweep: Callable[[], Awaitable[None]],
-    commit: CommitPolicy,
-    cache: upload.RemoteCache,
-    unreadable: logs.Unreadable,
-    in_queue: dict[str, Callable[[], int]],
     stages: list[asyncio.Task[None]],
 ) -> None:
     """The daemon's sources (watcher, settle, timers, sweep, reconcile), until ``halt``; then stop them.
@@ -277,6 +258,7 @@ async def _watch_and_wait(
     from syncd.watch import InotifyLimitError, Watcher, WatchRoot
 
     config, manifest, roots, counters, clock = run.config, run.manifest, run.roots, run.counters, run.clock
+    hints, rescans, hash_q, commit = q.hints, q.rescans, q.hash_q, q.commit
     settled: asyncio.Queue[Settled] = asyncio.Queue(SETTLED_QUEUE)
     live = LiveState(pid=os.getpid(), state_dir=str(config.state_dir.absolute()))
     live_file = live_path(config.state_dir)
@@ -298,7 +280,7 @@ async def _watch_and_wait(
             elif isinstance(item, Rescan):
                 await rescans.put(RescanRequest(item.root_index, item.relpath))
             elif isinstance(item, StatFailed):
-                unreadable.report(root_id if root_id is not None else -1, item.relpath, item.error)
+                q.unreadable.report(root_id if root_id is not None else -1, item.relpath, item.error)
 
     async def timer(root: Root) -> None:
         """The startup scan, then a full rescan every rescan_interval."""
@@ -307,25 +289,11 @@ async def _watch_and_wait(
             await asyncio.sleep(root.watch.rescan_interval)
 
     async def sweeper() -> None:
-        """Retries due; a held root that is back is walked now (not in an hour); missing past grace."""
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
             await sweep()
-            for root in roots.roots:
-                was_held = roots.is_held(root)
-                root_id = await roots.refresh(root)
-                if root_id is None:
-                    continue
-                if was_held:
-                    await rescans.put(RescanRequest(root.index))
-                await rescan.mark_missing(
-                    manifest.missing_rows(root_id),
-                    root.watch.delete_grace_seconds,
-                    roots=roots,
-                    manifest=manifest,
-                    counters=counters,
-                    clock=clock,
-                )
+            for root in await rescan.sweep_missing(roots, manifest=manifest, counters=counters, clock=clock):
+                await rescans.put(RescanRequest(root.index))  # a held root is back: walk it now
             commit.maybe()
 
     async def committer() -> None:
@@ -342,7 +310,7 @@ async def _watch_and_wait(
             live.in_flight = counters.in_flight
             live.concurrency = config.remote.concurrency
             live.crashed = counters.crashed
-            live.queues = {stage: size() for stage, size in in_queue.items()}
+            live.queues = {"hash": hash_q.qsize(), "upload": q.jobs.queue.qsize()}
             try:
                 await asyncio.to_thread(write_live, live_file, live)
             except OSError as exc:
@@ -393,12 +361,12 @@ async def _watch_and_wait(
         asyncio.create_task(
             reconcile.run(
                 halt,
-                ready=asyncio.gather(*(e.wait() for e in scanned.values())),
+                ready=asyncio.gather(*(e.wait() for e in q.scanned.values())),
                 roots=roots,
                 manifest=manifest,
                 client=run.client,
                 settings=config.reconcile,
-                forget=cache.forget,
+                forget=q.cache.forget,
                 clock=clock,
                 counters=counters,
                 finished=reconciled,
@@ -424,8 +392,6 @@ async def _watch_and_wait(
 
 
 def _counts(config: Config) -> dict[str, int]:
-    from syncd.manifest import ManifestReader
-
     with ManifestReader.open_readonly(config.state_dir) as reader:
         return {state.value: n for state, n in reader.counts_by_state().items()}
 
@@ -437,7 +403,7 @@ def _counts(config: Config) -> dict[str, int]:
 def _remote(config: Config, *, embedded: bool) -> Iterator[tuple[str, str]]:
     """(base_url, api_key): the configured service, or a reference server on loopback in this process."""
     if not embedded:
-        yield config.remote.base_url, api_key(config)
+        yield config.remote.base_url, require_api_key(config)
         return
     from syncd.server.runner import EmbeddedStartError, embedded_server
 
@@ -454,11 +420,11 @@ def _remote(config: Config, *, embedded: bool) -> Iterator[tuple[str, str]]:
 
 def run_daemon(config: Config, *, embedded: bool) -> int:
     """`syncd run`: watch, settle, hash, upload, reconcile until SIGTERM; SIGHUP reloads the config."""
-    configure_logging(config)
+    logs.configure_for(config)
     if not config.watch:
         raise ConfigError(f"{config.source}: watch: no [[watch]] table: nothing to sync")
     with StateLock(config.state_dir) as lock, _remote(config, embedded=embedded) as (base_url, key):
-        configure_logging(config, (key,))
+        logs.configure_for(config, (key,))
         manifest = Manifest.open(lock)
         try:
             return asyncio.run(_daemon(config, manifest, base_url, key, embedded=embedded))
@@ -471,8 +437,13 @@ async def _daemon(config: Config, manifest: Manifest, base_url: str, key: str, *
     notifier = Notifier()
     stop = asyncio.Event()
     reload = asyncio.Event()
+
+    def stopping() -> None:
+        notifier.stopping()  # at once: systemd then knows the drain that follows is a stop, not a hang
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     pinger = asyncio.create_task(_watchdog(notifier))
     counters = Counters()  # one set for the process: a reload does not reset what `status` shows
@@ -488,11 +459,10 @@ async def _daemon(config: Config, manifest: Manifest, base_url: str, key: str, *
                 finally:
                     relay.cancel()
             if stop.is_set():
-                notifier.stopping()
                 break
             reload.clear()  # before reading: a SIGHUP during the read triggers one more reload
             config = _reloaded(config, embedded=embedded)
-            configure_logging(config, (key,))
+            logs.configure_for(config, (key,))
             notifier.reloading()
     finally:
         notifier.stopping()
@@ -526,7 +496,7 @@ def _reloaded(old: Config, *, embedded: bool) -> Config:
                 f"{old.source}: state.dir: changing it needs a restart (keeping {old.state_dir})"
             )
         if not embedded:
-            api_key(new)
+            require_api_key(new)
         log.info("config reloaded", source=str(old.source), roots=len(new.watch))
         return new
     except ConfigError as exc:

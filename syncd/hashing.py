@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import xxhash
 
 from syncd.counters import Counters
-from syncd.logs import Unreadable as UnreadableLog
+from syncd.logs import UnreadableLog
 from syncd.manifest import CommitPolicy, Manifest, State
 from syncd.plan import Candidate, NeedRemote, Restat, UploadJob, after_hash, needs_hash, statkey
 from syncd.scan import FileStat, describe_os_error

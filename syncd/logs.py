@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import structlog
 
+from syncd.config import Config
+
 _SECRET_KEYS = frozenset({"api_key", "authorization", "token", "password", "secret"})
 REDACTED = "**********"
 
@@ -60,12 +62,17 @@ def configure(
     )
 
 
-def get_logger(**context: Any) -> structlog.typing.FilteringBoundLogger:
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(**context)
-    return logger
+def configure_for(config: Config, extra_secrets: tuple[str, ...] = (), *, quiet: bool = False) -> None:
+    """`configure` from the `[log]` table, redacting the configured key; ``quiet`` keeps info lines out
+    (a progress bar is showing)."""
+    key = config.api_key.get_secret_value() if config.api_key else ""
+    level = config.log.level
+    if quiet and level in ("debug", "info"):
+        level = "warning"
+    configure(fmt=config.log.format, level=level, secrets=tuple(s for s in (key, *extra_secrets) if s))
 
 
-class Unreadable:
+class UnreadableLog:
     """Says "cannot read" once per path until the path is readable again, so a stuck file is one line,
     not one per rescan; shared by the scan, settle and hash stages through its two methods."""
 

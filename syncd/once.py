@@ -11,9 +11,10 @@ import time
 
 import structlog
 
-from syncd.config import Config
+from syncd import logs
+from syncd.config import Config, require_api_key
 from syncd.counters import Counters
-from syncd.daemon import Run, api_key, configure_logging, make_client, wire
+from syncd.daemon import Run, make_client, wire
 from syncd.manifest import Manifest, ManifestMissing, ManifestReader, State
 from syncd.roots import RootTable, build_roots
 from syncd.state import StateLock
@@ -65,8 +66,8 @@ def sync_once(config: Config, *, progress: bool) -> int:
     With the progress bar (a TTY), per-file lines would scroll it away: only warnings and errors are
     logged, and the bar's last state is the summary (rclone's `--progress` behaves the same way).
     """
-    configure_logging(config, quiet=progress)
-    key = api_key(config)
+    logs.configure_for(config, quiet=progress)
+    key = require_api_key(config)
     with StateLock(config.state_dir) as lock:
         manifest = Manifest.open(lock)
         try:
@@ -92,8 +93,8 @@ def reconcile_once(config: Config, *, dry_run: bool, confirm: bool) -> int:
     `--dry-run` runs no sync pass (it would upload) and takes no lock, so it can run beside a daemon: a
     read-only look at the roots stands in for the pass, and the plan is printed, one line per action.
     """
-    configure_logging(config)
-    key = api_key(config)
+    logs.configure_for(config)
+    key = require_api_key(config)
     if dry_run:
         return asyncio.run(_reconcile_dry_run(config, key, confirm=confirm))
     with StateLock(config.state_dir) as lock:

@@ -68,6 +68,21 @@ RETRY_CAP_SECONDS = 3600.0
 
 # what travels between the stages
 
+HintKind = Literal["created", "modified", "closed", "moved_in", "attrib", "deleted", "rescan", "scanned"]
+
+
+@dataclass(frozen=True, slots=True)
+class PathHint:
+    """Something may have happened at ``relpath`` under root ``root_index``: a hint, never the truth.
+
+    ``stat`` is only given with ``scanned``: the stat the scan observed.
+    """
+
+    root_index: int
+    relpath: str
+    kind: HintKind
+    stat: FileStat | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class Candidate:

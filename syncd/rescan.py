@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from syncd.counters import Counters
-from syncd.logs import Unreadable
+from syncd.logs import UnreadableLog
 from syncd.manifest import SETTLED, CommitPolicy, Entry, FileKey, Manifest, ManifestReader, State
 from syncd.plan import (
     Candidate,
@@ -151,7 +151,7 @@ async def run(
     commit: CommitPolicy,
     submit: Callable[[list[Candidate]], Coroutine[Any, Any, None]],
     scanned: Callable[[Root], None],
-    unreadable: Unreadable,
+    unreadable: UnreadableLog,
     counters: Counters,
     clock: Callable[[], float],
     state_dir: Path,
@@ -205,7 +205,7 @@ async def scan_root(
     manifest: Manifest,
     commit: CommitPolicy,
     submit: Callable[[list[Candidate]], Coroutine[Any, Any, None]],
-    unreadable: Unreadable,
+    unreadable: UnreadableLog,
     counters: Counters,
     clock: Callable[[], float],
     state_dir: Path,
@@ -314,6 +314,30 @@ async def mark_missing(
             log.info("deleted locally", path=entry.relpath, remote_id=entry.remote_id)
         elif isinstance(action, Forget) and entry.key in due:
             manifest.remove(entry.key)
+
+
+async def sweep_missing(
+    roots: RootTable, *, manifest: Manifest, counters: Counters, clock: Callable[[], float]
+) -> list[Root]:
+    """Rows missing past their grace become deleted, for every available root; returns the roots that
+    were held and are available again (the caller walks them now rather than at the next rescan)."""
+    back = []
+    for root in roots.roots:
+        was_held = roots.is_held(root)
+        root_id = await roots.refresh(root)
+        if root_id is None:
+            continue
+        if was_held:
+            back.append(root)
+        await mark_missing(
+            manifest.missing_rows(root_id),
+            root.watch.delete_grace_seconds,
+            roots=roots,
+            manifest=manifest,
+            counters=counters,
+            clock=clock,
+        )
+    return back
 
 
 async def recovery(

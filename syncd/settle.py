@@ -58,11 +58,10 @@ import heapq
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from syncd.plan import HintKind, PathHint
 from syncd.scan import FileStat, StatError
-
-HintKind = Literal["created", "modified", "closed", "moved_in", "attrib", "deleted", "rescan", "scanned"]
 
 Key = tuple[int, str]
 """(root_index, relpath): relpath is posix, relative to the root; "" is the root itself."""
@@ -75,19 +74,6 @@ COLLAPSE_THRESHOLD = 512
 _CHECKING = math.inf  # due_at of a key handed out by due() and not yet checked()
 # Bounds the aggregator's memory whatever the event rate (Syncthing's folder limit is 512).
 MAX_PENDING = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class PathHint:
-    """Something may have happened at ``relpath`` under root ``root_index``: a hint, never the truth.
-
-    ``stat`` is only given with ``scanned``: the stat the scan observed.
-    """
-
-    root_index: int
-    relpath: str
-    kind: HintKind
-    stat: FileStat | None = None
 
 
 @dataclass(frozen=True, slots=True)

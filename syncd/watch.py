@@ -53,7 +53,7 @@ from watchdog.observers.inotify_c import (
 )
 from watchdog.observers.polling import PollingObserverVFS
 
-from syncd.settle import HintKind, PathHint
+from syncd.plan import HintKind, PathHint
 
 WatchMode = Literal["auto", "inotify", "poll"]
 """``auto``: inotify, falling back to polling for a root when inotify limits run out."""

@@ -13,14 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from syncd.plan import HintKind, PathHint
 from syncd.scan import FileStat, StatError, stat_path
 from syncd.settle import (
     Aggregator,
     Gone,
-    HintKind,
     Key,
     Observation,
-    PathHint,
     Ready,
     Rescan,
     Settled,

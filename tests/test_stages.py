@@ -21,7 +21,7 @@ from syncd.api import FilesClient
 from syncd.config import Config, parse_config
 from syncd.counters import Counters
 from syncd.daemon import Run
-from syncd.logs import Unreadable
+from syncd.logs import UnreadableLog
 from syncd.manifest import CommitPolicy, FileKey, Manifest, State
 from syncd.once import sync_pass
 from syncd.plan import Candidate, UploadJob, is_due, statkey
@@ -222,7 +222,7 @@ async def test_the_hash_stage_resettles_a_file_that_changed_since_it_was_seen(
             commit=CommitPolicy(manifest),
             submit=submit,
             resettle=resettled.append,
-            unreadable=Unreadable(),
+            unreadable=UnreadableLog(),
             counters=Counters(),
         )
     )
@@ -247,7 +247,7 @@ async def test_the_hash_stage_resettles_a_file_that_changed_since_it_was_seen(
             commit=CommitPolicy(manifest),
             submit=submit,
             resettle=resettled.append,
-            unreadable=Unreadable(),
+            unreadable=UnreadableLog(),
             counters=Counters(),
         )
     )

@@ -14,7 +14,7 @@ from typing import TypeVar
 import pytest
 from structlog.testing import capture_logs
 
-from syncd.settle import PathHint
+from syncd.plan import PathHint
 from syncd.watch import InotifyLimitError, Watcher, WatchMode, WatchRoot
 
 T = TypeVar("T")
