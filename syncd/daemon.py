@@ -310,15 +310,13 @@ async def _watch_and_wait(
             live.in_flight = counters.in_flight
             live.concurrency = config.remote.concurrency
             live.crashed = counters.crashed
+            live.last_reconcile_at = counters.last_reconcile_at
             live.queues = {"hash": hash_q.qsize(), "upload": q.jobs.queue.qsize()}
             try:
                 await asyncio.to_thread(write_live, live_file, live)
             except OSError as exc:
                 log.warning("cannot write the live-state file", path=str(live_file), error=str(exc))
             await asyncio.sleep(STATUS_SECONDS)
-
-    def reconciled(when: float) -> None:
-        live.last_reconcile_at = when
 
     def lost_events(root_index: int) -> None:
         log.warning("watcher lost events; rescanning", root=str(roots.roots[root_index].path))
@@ -369,7 +367,6 @@ async def _watch_and_wait(
                 forget=q.cache.forget,
                 clock=clock,
                 counters=counters,
-                finished=reconciled,
             )
         ),
     ]

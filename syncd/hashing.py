@@ -262,6 +262,7 @@ async def _hash_one(
         return
     if isinstance(result, Unreadable):
         counters.unreadable += 1
+        counters.failures["unreadable"] += 1
         unreadable.report(cand.root_id, cand.relpath, result.reason)
         return
     counters.hashed += 1

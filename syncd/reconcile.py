@@ -668,11 +668,10 @@ async def run(
     forget: Callable[[], None],
     clock: Callable[[], float],
     counters: Counters,
-    finished: Callable[[float], None],
 ) -> None:
     """Every ``interval_seconds`` once ``ready`` (every root scanned once): fresh root guards, then one
     run; returns when ``stop`` is set. ``forget`` drops the upload stage's listing, which a prune makes
-    stale; ``finished(when)`` records the run for `status`."""
+    stale. Each run's end is ``counters.last_reconcile_at`` (for `status`)."""
     await ready
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -683,7 +682,7 @@ async def run(
             for root in roots.roots:
                 await roots.refresh(root)  # a root may have vanished since its scan
             forget()
-            await reconcile(
+            report = await reconcile(
                 manifest,
                 client,
                 settings=settings,
@@ -691,7 +690,10 @@ async def run(
                 now=clock(),
                 confirm=False,
             )
+            for action in report.applied:
+                if isinstance(action, Prune) and action.listed:
+                    counters.pruned[action.why.name.lower()] += 1
         except Exception:
             counters.crashed += 1
             log.exception("reconcile failed unexpectedly; trying again next interval")
-        finished(clock())
+        counters.last_reconcile_at = clock()

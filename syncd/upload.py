@@ -74,12 +74,14 @@ async def sync_job(
     clock: Callable[[], float],
     remote_index: RemoteIndex | None = None,
     intent_window: float = 0.0,
+    counters: Counters | None = None,
 ) -> Outcome:
     """Give one queued row a remote file: reuse one if any exists for (md5, purpose), else upload.
 
     ``intent_window`` is how long an upload may take at most (all attempts): it bounds which remote files
     created after a crash's recorded intent can be ours.
     """
+    counters = counters if counters is not None else Counters()
     ledger = _Ledger(manifest)
     local = manifest.local_copies(job.md5, job.purpose)
     hit: FileResponse | None = None
@@ -91,7 +93,7 @@ async def sync_job(
                 hit = await client.find_by_md5(job.md5, purpose=job.purpose)
     except ApiError as exc:
         # A failed lookup says nothing about the file: never a permanent rejection.
-        return _record_error(job, exc, manifest=manifest, clock=clock, permanent=False)
+        return _record_error(job, exc, manifest=manifest, clock=clock, counters=counters, permanent=False)
     decision = resolve(job.md5, job.purpose, local, hit, ledger)
     if isinstance(decision, Reuse):
         owned = decision.owned or (hit is not None and ours_by_intent(hit, job, intent_window))
@@ -103,23 +105,28 @@ async def sync_job(
             remote_created_at=decision.created_at,
         ):
             return Outcome.STALE
+        via = (
+            "local" if decision.source == "manifest" else "listing" if remote_index is not None else "lookup"
+        )
         log.info(
             "synced",
             path=job.key.relpath,
             md5=job.md5,
             remote_id=decision.remote_id,
-            via=decision.source,
+            via=via,
             owned=owned,
         )
+        counters.hits[via] += 1
         return Outcome.REUSED
-    return await _upload(job, manifest=manifest, client=client, clock=clock)
+    return await _upload(job, manifest=manifest, client=client, clock=clock, counters=counters)
 
 
 async def _upload(
-    job: UploadJob, *, manifest: Manifest, client: FilesClient, clock: Callable[[], float]
+    job: UploadJob, *, manifest: Manifest, client: FilesClient, clock: Callable[[], float], counters: Counters
 ) -> Outcome:
     if not manifest.mark_uploading(job.key, md5=job.md5):
         return Outcome.STALE
+    started = time.monotonic()
     try:
         response = await client.upload(
             job.path,
@@ -129,12 +136,14 @@ async def _upload(
         )
     except SourceChangedError:
         # Cut short before its last byte: the server stores nothing from it.
+        counters.failures["changed"] += 1
         manifest.mark_retry(job.key, md5=job.md5, error="changed during upload", next_attempt_at=clock())
         return Outcome.CHANGED
     except ApiError as exc:
-        return _record_error(job, exc, manifest=manifest, clock=clock, sent=True)
+        return _record_error(job, exc, manifest=manifest, clock=clock, counters=counters, sent=True)
     except OSError as exc:
         # Vanished or unreadable since it was hashed: the next scan or event decides what it is now.
+        counters.failures["unreadable"] += 1
         manifest.mark_retry(
             job.key, md5=job.md5, error=f"cannot read: {exc.strerror or exc}", next_attempt_at=clock()
         )
@@ -142,10 +151,12 @@ async def _upload(
     if (response.md5 is not None and response.md5 != job.md5) or response.bytes != job.stat.size:
         # The bytes sent are not the bytes hashed: our own fresh upload is garbage, remove it now.
         await _discard(client, response)
+        counters.failures["changed"] += 1
         manifest.mark_retry(
             job.key, md5=job.md5, error="content differs from the hashed one", next_attempt_at=clock()
         )
         return Outcome.CHANGED
+    counters.upload_seconds.observe(time.monotonic() - started)
     marked = manifest.mark_synced(
         job.key,
         md5=job.md5,
@@ -165,6 +176,12 @@ async def _upload(
     return Outcome.UPLOADED if marked else Outcome.STALE
 
 
+def failure_kind(exc: ApiError) -> str:
+    """The `syncd_failures_total{kind}` label: the error class, in snake case (TooLargeError → too_large)."""
+    name = type(exc).__name__.removesuffix("Error") or "api"
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
 async def _discard(client: FilesClient, response: FileResponse) -> None:
     try:
         await client.delete(response.id)
@@ -178,12 +195,14 @@ def _record_error(
     *,
     manifest: Manifest,
     clock: Callable[[], float],
+    counters: Counters,
     permanent: bool | None = None,
     sent: bool = False,
 ) -> Outcome:
     """Fail the row (a rejection of this content) or schedule its retry, never before a server's
     ``Retry-After``. ``sent``: the request may have landed, so an ``uploading`` row keeps its intent."""
     reason = f"{type(exc).__name__}: {exc.detail}" + (f" (HTTP {exc.status})" if exc.status else "")
+    counters.failures[failure_kind(exc)] += 1
     row = manifest.get(job.key)
     attempts = row.attempts if row is not None else 0
     rejected = exc.permanent if permanent is None else permanent
@@ -339,6 +358,7 @@ async def run(
                 clock=clock,
                 remote_index=await cache.index(),
                 intent_window=client.longest_upload(job.stat.size),
+                counters=counters,
             )
         finally:
             counters.in_flight -= 1
@@ -362,6 +382,7 @@ async def run(
         row = manifest.get(job.key)
         if row is not None and row.state in (State.QUEUED, State.UPLOADING) and row.md5 == job.md5:
             # The request may have gone out: an `uploading` row keeps its intent.
+            counters.failures["internal"] += 1
             manifest.mark_retry(
                 job.key,
                 md5=job.md5,

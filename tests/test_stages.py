@@ -276,15 +276,16 @@ async def test_the_reconcile_stage_holds_a_missing_root(
         shutil.move(root.path, tmp_path / "unmounted")  # the share is gone: not "every file deleted"
 
         stop = asyncio.Event()
-        ran: list[float] = []
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         ready.set_result(None)
+        counters = Counters()
 
-        def finished(when: float) -> None:
-            ran.append(when)
+        async def stop_after_one_run() -> None:
+            while counters.last_reconcile_at is None:  # noqa: ASYNC110 (polls an outcome, with a deadline)
+                await asyncio.sleep(0.01)
             stop.set()
 
-        counters = Counters()
+        stopper = asyncio.create_task(stop_after_one_run())
         await asyncio.wait_for(
             reconcile.run(
                 stop,
@@ -296,11 +297,11 @@ async def test_the_reconcile_stage_holds_a_missing_root(
                 forget=lambda: None,
                 clock=lambda: NOW,
                 counters=counters,
-                finished=finished,
             ),
             timeout=30,
         )
-    assert ran
+        await stopper
+    assert counters.last_reconcile_at == NOW
     assert counters.crashed == 0
     assert [f.id for f in server_files(server)] == [synced.id]  # nothing pruned
     [entry] = list(manifest.iter_all())
