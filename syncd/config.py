@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     SecretStr,
     ValidationError,
     field_validator,
@@ -91,9 +92,19 @@ TIMEOUT_SECONDS = 30.0
 RETRIES = 5
 """Retries per request for 429/5xx/network errors; 5 with backoff rides out about a minute of outage."""
 CONCURRENCY = 8
-"""Requests in flight: enough to hide a WAN round trip, small enough not to flood a 2-core server."""
+"""Requests in flight for a client built without a config: enough to hide a short round trip."""
+MAX_CONCURRENCY = 64
+"""The adaptive depth's ceiling (and the connection pool): a 50 ms WAN needs ~32; a guess with headroom."""
 PRESIGNED_THRESHOLD = 32 * 1024 * 1024
 """Size at which uploads switch to the presigned PUT: the official SDK's 32 MiB switch point."""
+
+
+def _depth_setting(value: object) -> Literal["auto"] | int:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise ValueError(f'must be "auto" or a whole number from 1 to 256 (got {value!r})')
+    return value
 
 
 class RemoteConfig(_Section):
@@ -103,7 +114,10 @@ class RemoteConfig(_Section):
     api_key_file: Path | None = None
     timeout: float = Field(default=TIMEOUT_SECONDS, gt=0)
     retries: int = Field(default=RETRIES, ge=1, le=50)
-    concurrency: int = Field(default=CONCURRENCY, ge=1, le=256)
+    # "auto": adapt the requests in flight to what the server and the network give (design §5); an
+    # integer pins it.
+    concurrency: Annotated[Literal["auto"] | int, PlainValidator(_depth_setting)] = "auto"
+    max_concurrency: int = Field(default=MAX_CONCURRENCY, ge=1, le=256)
     presigned_threshold: Size = PRESIGNED_THRESHOLD
 
     @field_validator("base_url")

@@ -29,6 +29,7 @@ from syncd import hashing, logs, reconcile, rescan, upload
 from syncd.api import FilesClient
 from syncd.config import Config, ConfigError, load_config, require_api_key
 from syncd.counters import Counters
+from syncd.depth import AdaptiveDepth, FixedDepth, for_setting
 from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, ManifestReader
 from syncd.plan import Candidate, PathHint, is_due
 from syncd.rescan import RescanRequest
@@ -53,6 +54,12 @@ MIN_QUIET_SECONDS = 0.05  # settle_seconds = 0 still debounces a burst of events
 # -- configuration helpers shared with once.py ----------------------------------------------------------
 
 
+def pool_size(config: Config) -> int:
+    """Connections the client keeps: the pinned depth, or the adaptive depth's ceiling."""
+    r = config.remote
+    return r.max_concurrency if r.concurrency == "auto" else r.concurrency
+
+
 def make_client(config: Config, base_url: str, key: str) -> FilesClient:
     r = config.remote
     return FilesClient(
@@ -60,7 +67,7 @@ def make_client(config: Config, base_url: str, key: str) -> FilesClient:
         api_key=key,
         timeout=r.timeout,
         retries=r.retries,
-        concurrency=r.concurrency,
+        concurrency=pool_size(config),
         presigned_threshold=r.presigned_threshold,
     )
 
@@ -94,6 +101,7 @@ class _Pipes:
     commit: CommitPolicy
     cache: upload.RemoteCache
     unreadable: logs.UnreadableLog
+    depth: AdaptiveDepth | FixedDepth
 
 
 async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | None = None) -> None:
@@ -105,11 +113,12 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
         hints=asyncio.Queue(HINT_QUEUE),
         rescans=asyncio.Queue(),  # unbounded: the rescan stage coalesces what piles up
         hash_q=asyncio.Queue(HASH_QUEUE),
-        jobs=upload.JobQueue(config.remote.concurrency * UPLOAD_QUEUE_PER_SLOT),
+        jobs=upload.JobQueue(pool_size(config) * UPLOAD_QUEUE_PER_SLOT),
         scanned={root.index: asyncio.Event() for root in roots.roots},
         commit=CommitPolicy(manifest),
         cache=upload.RemoteCache(run.client),
         unreadable=logs.UnreadableLog(),
+        depth=for_setting(config.remote.concurrency, maximum=config.remote.max_concurrency),
     )
     hints, rescans, hash_q, jobs, commit, cache = q.hints, q.rescans, q.hash_q, q.jobs, q.commit, q.cache
     hasher = hashing.Hasher()
@@ -151,7 +160,8 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
                 due=run.due,
                 clock=clock,
                 counters=counters,
-                concurrency=lambda: config.remote.concurrency,
+                concurrency=lambda: q.depth.limit,
+                observe=q.depth.observe,
             )
         ),
         asyncio.create_task(
@@ -308,7 +318,9 @@ async def _watch_and_wait(
             counts = await asyncio.to_thread(_counts, config)
             notifier.status(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "idle")
             live.in_flight = counters.in_flight
-            live.concurrency = config.remote.concurrency
+            if live.concurrency != q.depth.limit:
+                log.info("in-flight depth", depth=q.depth.limit, setting=config.remote.concurrency)
+            live.concurrency = q.depth.limit
             live.crashed = counters.crashed
             live.last_reconcile_at = counters.last_reconcile_at
             live.queues = {"hash": hash_q.qsize(), "upload": q.jobs.queue.qsize()}

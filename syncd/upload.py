@@ -13,6 +13,7 @@ import enum
 import math
 import time
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import structlog
 
@@ -230,6 +231,7 @@ def _record_error(
 
 # -- the stage -----------------------------------------------------------------------------------------
 
+OBSERVED_SIZE = 1 << 20  # jobs up to this size tell the depth controller about the server's latency
 PREFETCH_LISTING_MIN = 64  # at least this many new files make one listing cheaper than N hash lookups
 LISTING_PAGES_PER_FILE = 0.05  # give up on the listing beyond one page per 20 new files (huge remotes)
 INDEX_TTL_SECONDS = 600.0  # after this, a cache check asks the server again
@@ -322,16 +324,27 @@ async def run(
     clock: Callable[[], float],
     counters: Counters,
     concurrency: Callable[[], int],
+    observe: Callable[[float, float, Literal["ok", "overload"]], None],
 ) -> None:
-    """Jobs in until ``None``, up to ``concurrency()`` at once; each row ends synced, failed or scheduled."""
+    """Jobs in until ``None``, up to ``concurrency()`` at once; each row ends synced, failed or scheduled.
+
+    ``observe(now, latency, outcome)`` hears how each small job went (the in-flight depth controller):
+    a big file's transfer time says nothing about the server's queue, only its errors do.
+    """
     inflight: dict[tuple[str, str], asyncio.Event] = {}
 
     async def one(job: UploadJob) -> None:
+        started = time.monotonic()
         try:
             outcome = await _resolve(job)
         finally:
             jobs.done(job.key)
         _count(outcome, job)
+        finished = time.monotonic()
+        if outcome is Outcome.RETRY:
+            observe(finished, finished - started, "overload")
+        elif outcome in (Outcome.UPLOADED, Outcome.REUSED) and job.stat.size <= OBSERVED_SIZE:
+            observe(finished, finished - started, "ok")
         commit.maybe()
 
     async def _resolve(job: UploadJob) -> Outcome:

@@ -54,7 +54,7 @@ def test_relative_paths_resolve_against_the_config_dir(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         ("[remote]\nbase_urll = 'x'\n", "remote.base_urll: unknown key"),
-        ("[remote]\nconcurrency = 0\n", "remote.concurrency: Input should be greater than or equal to 1"),
+        ("[remote]\nconcurrency = 0\n", 'remote.concurrency: must be "auto" or a whole number'),
         ("[remote]\nbase_url = 'ftp://x'\n", "remote.base_url: must be an http(s) URL"),
         ("[remote]\npresigned_threshold = '12 parsecs'\n", "remote.presigned_threshold: not a size"),
         (

@@ -118,6 +118,7 @@ class UploadStage:
                 clock=lambda: self.now,
                 counters=self.counters,
                 concurrency=lambda: 4,
+                observe=lambda now, latency, outcome: None,
             )
         )
 
