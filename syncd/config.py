@@ -10,9 +10,10 @@ import os
 import re
 import stat
 import tomllib
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal
 
 import platformdirs
 from pydantic import (
@@ -258,7 +259,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
                 watch["path"] = fix(watch["path"])
 
 
-class ApiKey(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class ApiKey:
     """A resolved key, where it came from (never the key itself), and a warning about its file, if any."""
 
     secret: SecretStr | None
