@@ -38,10 +38,14 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 
 def _load(path: Path | None) -> Config:
+    """Load the config; its warnings are printed here, once per command (a SIGHUP reload stays quiet)."""
     try:
-        return load_config(path)
+        cfg = load_config(path)
     except ConfigError as exc:
         _fail(str(exc))
+    for warning in cfg.warnings:
+        typer.echo(f"syncd: warning: {warning}", err=True)
+    return cfg
 
 
 @app.command()
@@ -189,6 +193,7 @@ def check_config(config: ConfigOption = None) -> None:
     effective = redacted(cfg)
     effective["state"]["dir"] = str(cfg.state_dir)
     typer.echo(f"# {cfg.source}")
+    typer.echo(f"# api key: {cfg.api_key_source}")
     typer.echo(json.dumps(effective, indent=2))
     if cfg.api_key is None:
         typer.echo(

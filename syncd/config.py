@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -208,6 +210,12 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     # Not a TOML key: resolved from env, api_key_file or the systemd credential at load time.
     api_key: SecretStr | None = Field(default=None, exclude=True)
+    # Where the key came from, for check-config: "env VLMRUN_API_KEY", "api_key_file PATH",
+    # "credential PATH" or "none".
+    api_key_source: str = Field(default="none", exclude=True)
+    # Problems worth one line at start that do not stop syncd (a key file others can read); the CLI prints
+    # them, so a SIGHUP reload does not repeat them.
+    warnings: tuple[str, ...] = Field(default=(), exclude=True)
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -283,27 +291,51 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
                 watch["path"] = fix(watch["path"])
 
 
-def _read_secret(path: Path, what: str) -> SecretStr:
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A resolved key, where it came from (never the key itself), and a warning about its file, if any."""
+
+    secret: SecretStr | None
+    source: str
+    warning: str | None = None
+
+
+def _read_key_file(path: Path, what: str, source: str, *, leaky: int) -> ApiKey:
+    """Read a key file; warn, as ssh does for private keys, when its `leaky` mode bits let others read it."""
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        with path.open(encoding="utf-8") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            text = fh.read().strip()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
     if not text:
         raise ConfigError(f"{path}: {what} is empty")
-    return SecretStr(text)
+    exposed = mode & leaky
+    if not exposed:
+        return ApiKey(SecretStr(text), source)
+    who = "g" * bool(exposed & stat.S_IRGRP) + "o" * bool(exposed & stat.S_IROTH)
+    readers = {"g": "its group", "o": "all users", "go": "its group and all users"}[who]
+    warning = f"{path}: {what} is readable by {readers} (mode {stat.S_IMODE(mode):04o}); chmod {who}-r {path}"
+    return ApiKey(SecretStr(text), source, warning)
 
 
-def resolve_api_key(remote: RemoteConfig, source: str) -> SecretStr | None:
+def resolve_api_key(remote: RemoteConfig, source: str) -> ApiKey:
     """VLMRUN_API_KEY, then remote.api_key_file, then systemd's $CREDENTIALS_DIRECTORY/api-key."""
     env = os.environ.get(ENV_API_KEY)
     if env:
-        return SecretStr(env)
+        return ApiKey(SecretStr(env), f"env {ENV_API_KEY}")
     if remote.api_key_file is not None:
-        return _read_secret(remote.api_key_file, f"remote.api_key_file (named in {source})")
+        path = remote.api_key_file
+        what = f"remote.api_key_file (named in {source})"
+        return _read_key_file(path, what, f"api_key_file {path}", leaky=stat.S_IRGRP | stat.S_IROTH)
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / CREDENTIAL_NAME).is_file():
-        return _read_secret(Path(creds) / CREDENTIAL_NAME, "the systemd credential api-key")
-    return None
+        path = Path(creds) / CREDENTIAL_NAME
+        # systemd writes a credential 0400 and lets the service user read it through an ACL entry, whose
+        # mask stat shows as group read (0440): only a world-readable credential is a leak.
+        what = "the systemd credential api-key"
+        return _read_key_file(path, what, f"credential {path}", leaky=stat.S_IROTH)
+    return ApiKey(None, "none")
 
 
 def parse_config(raw: dict[str, Any], *, source: str, base: Path) -> Config:
@@ -324,7 +356,15 @@ def parse_config(raw: dict[str, Any], *, source: str, base: Path) -> Config:
     except ValidationError as exc:
         raise ConfigError(_one_line(source, exc)) from None
     key = resolve_api_key(config.remote, source)
-    return config.model_copy(update={"api_key": key, "source": Path(source)})
+    warnings = (key.warning,) if key.warning else ()
+    return config.model_copy(
+        update={
+            "api_key": key.secret,
+            "api_key_source": key.source,
+            "warnings": warnings,
+            "source": Path(source),
+        }
+    )
 
 
 def load_config(path: Path | None = None) -> Config:

@@ -136,6 +136,7 @@ def test_check_config_prints_redacted_config(tmp_path: Path) -> None:
     )
     assert "sk-very-secret-value" not in out.stdout + out.stderr
     assert '"api_key": "**********"' in out.stdout
+    assert "# api key: env VLMRUN_API_KEY\n" in out.stdout
     bad = write(tmp_path, "[remote]\ntimeout = -1\n")
     out = subprocess.run(
         [sys.executable, "-m", "syncd", "check-config", "--config", str(bad)],
@@ -146,3 +147,89 @@ def test_check_config_prints_redacted_config(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0
     assert "remote.timeout" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("mode", "readers", "fix"),
+    [
+        (0o600, None, None),
+        (0o400, None, None),
+        (0o640, "its group", "chmod g-r"),
+        (0o604, "all users", "chmod o-r"),
+        (0o644, "its group and all users", "chmod go-r"),
+    ],
+)
+def test_key_file_others_can_read_gets_one_warning(
+    tmp_path: Path, mode: int, readers: str | None, fix: str | None
+) -> None:
+    keyfile = tmp_path / "key"
+    keyfile.write_text("sk-file-secret\n")
+    keyfile.chmod(mode)
+    cfg = load_config(write(tmp_path, '[remote]\napi_key_file = "key"\n'))
+    assert cfg.api_key is not None
+    if readers is None:
+        assert cfg.warnings == ()
+        return
+    (warning,) = cfg.warnings
+    assert warning == (
+        f"{keyfile}: remote.api_key_file (named in {tmp_path / 'config.toml'}) is readable by {readers} "
+        f"(mode {mode:04o}); {fix} {keyfile}"
+    )
+    assert "sk-file-secret" not in warning
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o400, False), (0o440, False), (0o444, True)])
+def test_credential_warns_only_when_world_readable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int, warned: bool
+) -> None:
+    """systemd writes a credential 0400 plus an ACL entry for the service user, which stat shows as 0440."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "api-key").write_text("sk-credential")
+    (creds / "api-key").chmod(mode)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg.api_key_source == f"credential {creds / 'api-key'}"
+    if warned:
+        assert cfg.warnings == (
+            f"{creds / 'api-key'}: the systemd credential api-key is readable by all users (mode 0444); "
+            f"chmod o-r {creds / 'api-key'}",
+        )
+    else:
+        assert cfg.warnings == ()
+
+
+def test_key_source_is_named_and_an_unread_file_is_not_judged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_config(write(tmp_path, "")).api_key_source == "none"
+    keyfile = tmp_path / "key"
+    keyfile.write_text("sk-file-secret")
+    keyfile.chmod(0o644)
+    cfg = load_config(write(tmp_path, '[remote]\napi_key_file = "key"\n'))
+    assert cfg.api_key_source == f"api_key_file {keyfile}"
+    monkeypatch.setenv("VLMRUN_API_KEY", "sk-env-secret")
+    cfg = load_config(write(tmp_path, '[remote]\napi_key_file = "key"\n'))
+    assert cfg.api_key_source == "env VLMRUN_API_KEY"
+    assert cfg.warnings == ()  # the env key wins; the file is never read
+
+
+def test_check_config_names_the_key_file_and_warns_once(tmp_path: Path) -> None:
+    keyfile = tmp_path / "key"
+    keyfile.write_text("sk-file-secret\n")
+    keyfile.chmod(0o644)
+    path = write(tmp_path, '[remote]\napi_key_file = "key"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("VLMRUN_API_KEY", "CREDENTIALS_DIRECTORY")}
+    out = subprocess.run(
+        [sys.executable, "-m", "syncd", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert f"# api key: api_key_file {keyfile}\n" in out.stdout
+    assert "sk-file-secret" not in out.stdout + out.stderr
+    assert out.stderr.splitlines() == [
+        f"syncd: warning: {keyfile}: remote.api_key_file (named in {path}) is readable by its group and all "
+        f"users (mode 0644); chmod go-r {keyfile}"
+    ]
