@@ -241,7 +241,7 @@ class FilesClient:
             return None
         return self._noticed(_parse(FileResponse, response))
 
-    async def download(self, file_id: str, dest: Path) -> int:
+    async def download(self, file_id: str, *, dest: Path) -> int:
         """Write the file's bytes to ``dest`` atomically (a temporary name beside it, then a rename) and
         return how many were written; ``dest`` is never left half-written, and an existing one is replaced
         only by a complete copy.
