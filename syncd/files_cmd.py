@@ -336,8 +336,20 @@ def _md5_of(path: Path) -> tuple[int, int, str]:
     return before.st_size, before.st_mtime_ns, digest
 
 
-def _manifest_paths(state_dir: Path, ids: Iterable[str]) -> dict[str, list[str]]:
-    """Remote id → local paths of the manifest rows that hold it (synced) or await its prune (deleted)."""
+@dataclass(frozen=True, slots=True)
+class RowsOf:
+    """The manifest rows that name one remote file, as local paths: ``synced`` ones hold it (cleanup marks
+    them expired), ``deleted`` ones await its prune (cleanup drops them)."""
+
+    synced: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+
+
+NO_ROWS = RowsOf()
+
+
+def _synced_paths(state_dir: Path, ids: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Remote id → local paths synced to it, read without the lock ({} before the first sync)."""
     from syncd.manifest import ManifestMissing, ManifestReader, SchemaMismatch
 
     try:
@@ -345,22 +357,21 @@ def _manifest_paths(state_dir: Path, ids: Iterable[str]) -> dict[str, list[str]]
     except (ManifestMissing, SchemaMismatch):
         return {}
     with reader:
-        return _referencing(reader, ids)
+        return {rid: rows.synced for rid, rows in _referencing(reader, ids).items() if rows.synced}
 
 
-def _referencing(reader: ManifestReader, ids: Iterable[str]) -> dict[str, list[str]]:
+def _referencing(reader: ManifestReader, ids: Iterable[str]) -> dict[str, RowsOf]:
     from syncd.manifest import State
 
     roots = {r.root_id: r.path for r in reader.roots()}
-    found: dict[str, list[str]] = {}
+    found: dict[str, RowsOf] = {}
     for rid in ids:
-        paths = [
-            str(Path(roots.get(e.root_id, f"root {e.root_id}")) / e.relpath)
-            for e in reader.rows_for_remote(rid)
-            if e.state in (State.SYNCED, State.DELETED)
-        ]
-        if paths:
-            found[rid] = paths
+        paths: dict[State, list[str]] = {State.SYNCED: [], State.DELETED: []}
+        for e in reader.rows_for_remote(rid):
+            if e.state in paths:
+                paths[e.state].append(str(Path(roots.get(e.root_id, f"root {e.root_id}")) / e.relpath))
+        if any(paths.values()):
+            found[rid] = RowsOf(tuple(paths[State.SYNCED]), tuple(paths[State.DELETED]))
     return found
 
 
@@ -511,7 +522,7 @@ def delete(
 ) -> None:
     """Delete remote files (any client's: this is by hand)."""
     cfg = _load(config)
-    synced = _manifest_paths(cfg.state_dir, file_ids)
+    synced = _synced_paths(cfg.state_dir, file_ids)
 
     async def one(client: FilesClient, file_id: str) -> FileResponse | Failed:
         try:
@@ -661,7 +672,7 @@ class _Book:
     def owned(self) -> frozenset[str]:
         return frozenset(self.view.owned_remote_ids()) if self.view is not None else frozenset()
 
-    def referencing(self, ids: Iterable[str]) -> dict[str, list[str]]:
+    def referencing(self, ids: Iterable[str]) -> dict[str, RowsOf]:
         return _referencing(self.view, ids) if self.view is not None else {}
 
     def expire(self, remote_id: str) -> int:
@@ -793,7 +804,7 @@ async def run_cleanup(
             return EXIT_OK
         if opts.dry_run:
             for d in doomed:
-                _show(d, rows.get(d.file.id, ()), "would delete", opts.as_json)
+                _show(d, rows.get(d.file.id, NO_ROWS), "would delete", opts.as_json)
             _summary(opts, selection, deleted=0, expired=0, failed=0)
             return EXIT_OK
         if not opts.yes:
@@ -806,7 +817,7 @@ async def run_cleanup(
                     )
                 )
             for d in doomed:
-                _show(d, rows.get(d.file.id, ()), "delete", as_json=False, err=opts.as_json)
+                _show(d, rows.get(d.file.id, NO_ROWS), "delete", as_json=False, err=opts.as_json)
             if not ask(f"Delete these {len(doomed)} remote files?"):
                 return _complain(Failed("files cleanup: nothing deleted"))
         return await _delete_all(client, book, doomed, rows, opts, selection, base_url, concurrency)
@@ -818,7 +829,7 @@ async def _delete_all(
     client: FilesClient,
     book: _Book,
     doomed: Sequence[Doomed],
-    rows: dict[str, list[str]],
+    rows: dict[str, RowsOf],
     opts: CleanupOptions,
     selection: Selection,
     base_url: str,
@@ -852,22 +863,22 @@ async def _delete_all(
     deleted = expired = failed = 0
     async for d, result in _in_order(doomed, one):
         if result is None:
-            _show(d, rows.get(d.file.id, ()), "skipped", opts.as_json)
+            _show(d, rows.get(d.file.id, NO_ROWS), "skipped", opts.as_json)
             failed += 1
         elif isinstance(result, Failed):
             code = max(code, _complain(result))
-            _show(d, rows.get(d.file.id, ()), "failed", opts.as_json)
+            _show(d, rows.get(d.file.id, NO_ROWS), "failed", opts.as_json)
             failed += 1
         else:
             outcome, n = result
-            _show(d, rows.get(d.file.id, ()), outcome, opts.as_json)
+            _show(d, rows.get(d.file.id, NO_ROWS), outcome, opts.as_json)
             deleted += 1
             expired += n
     _summary(opts, selection, deleted=deleted, expired=expired, failed=failed)
     return code
 
 
-def _show(d: Doomed, paths: Sequence[str], action: str, as_json: bool, *, err: bool = False) -> None:
+def _show(d: Doomed, rows: RowsOf, action: str, as_json: bool, *, err: bool = False) -> None:
     """One line per file: what happens (or happened) to it, why, and which manifest rows expire."""
     if as_json:
         import json
@@ -882,13 +893,16 @@ def _show(d: Doomed, paths: Sequence[str], action: str, as_json: bool, *, err: b
             "created_at": datetime.fromtimestamp(f.created_at, UTC).isoformat().replace("+00:00", "Z"),
             "action": action,
             "reason": d.reason,
-            "rows_expired": list(paths),
+            "rows_expired": list(rows.synced),
+            "rows_dropped": list(rows.deleted),
         }
         typer.echo(json.dumps(obj), err=err)
         return
     line = f"{action}\t{d.file.id}\t{d.file.filename or ''}\t{d.file.purpose}\t{d.reason}"
-    if paths:
-        line += f"; rows become expired: {', '.join(paths)}"
+    if rows.synced:
+        line += f"; rows become expired: {', '.join(rows.synced)}"
+    if rows.deleted:
+        line += f"; rows of deleted files dropped: {', '.join(rows.deleted)}"
     typer.echo(line, err=err)
 
 

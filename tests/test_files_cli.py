@@ -289,9 +289,14 @@ def test_owned_only_cleanup_expires_synced_rows_and_spares_other_clients_files(
     write(ws.root / "a.txt", b"alpha")
     write(ws.root / "copy" / "a.txt", b"alpha")  # the same remote file as a.txt
     write(ws.root / "b.txt", b"beta")
+    write(ws.root / "gone.txt", b"deleted locally, its prune not yet run")
+    ws.configure(delete_grace=0)
+    assert ws.sync_once().returncode == 0
+    (ws.root / "gone.txt").unlink()
     done = ws.sync_once()
     assert done.returncode == 0, done.stderr
     rows = ws.rows()
+    assert rows.pop("gone.txt").state is State.DELETED
     synced = {e.remote_id for e in rows.values()}
     assert len(synced) == 2
     sdk = VLMRun(api_key=server.api_key, base_url=server.base_url, max_retries=1)
@@ -299,25 +304,25 @@ def test_owned_only_cleanup_expires_synced_rows_and_spares_other_clients_files(
 
     plan = files("cleanup", "--older-than", "0d", "--owned-only", "--dry-run")
     assert plan.exit_code == 0
-    assert (
-        "rows become expired: " + ", ".join(str(ws.root / p) for p in ("a.txt", "copy/a.txt")) in plan.stdout
-    )
-    assert {e.state for e in ws.rows().values()} == {State.SYNCED}
+    both = ", ".join(str(ws.root / p) for p in ("a.txt", "copy/a.txt"))
+    assert f"rows become expired: {both}" in plan.stdout
+    assert f"rows of deleted files dropped: {ws.root / 'gone.txt'}" in plan.stdout
+    assert {e.state for e in ws.rows().values()} == {State.SYNCED, State.DELETED}
 
-    report = files.ok("cleanup", "--older-than", "0d", "--owned-only", "--yes", "--json")
-    assert {o["id"] for o in report} == synced
+    report = files.ok("cleanup", "--older-than", "0d", "--owned-only", "--yes")
+    assert len(report) == 3
     assert {o["action"] for o in report} == {"deleted"}
     assert sorted(p for o in report for p in o["rows_expired"]) == sorted(str(ws.root / p) for p in rows)
+    assert [p for o in report for p in o["rows_dropped"]] == [str(ws.root / "gone.txt")]
     assert remote_ids(ws) == [by_sdk]
-    after = ws.rows()
-    assert {p: e.state for p, e in after.items()} == dict.fromkeys(rows, State.EXPIRED)
+    assert {p: e.state for p, e in ws.rows().items()} == dict.fromkeys(rows, State.EXPIRED)
     with ManifestReader.open_readonly(ws.state_dir) as reader:
         assert reader.owned_remote_ids() == set()
 
     uploads, deletes = server.stats.uploads, server.stats.deletes
     again = ws.cli("reconcile", "--once")
     assert again.returncode == 0, again.stderr
-    assert (server.stats.uploads, server.stats.deletes) == (uploads, deletes)
+    assert (server.stats.uploads, server.stats.deletes) == (uploads, deletes)  # nothing re-uploaded or pruned
     assert {p: e.state for p, e in ws.rows().items()} == dict.fromkeys(rows, State.EXPIRED)
     assert remote_ids(ws) == [by_sdk]
 
