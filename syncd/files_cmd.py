@@ -553,7 +553,9 @@ def list_files(
     purpose: PurposeFilter = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Files per page (the API's limit).")] = 100,
     skip: Annotated[int, typer.Option(min=0, help="Files to skip, newest first.")] = 0,
-    all_: Annotated[bool, typer.Option("--all", help="Every file: page until the end.")] = False,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Every file, paging to the end (--skip/--limit ignored).")
+    ] = False,
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
@@ -752,7 +754,6 @@ async def run_cleanup(
     ask: Callable[[str], bool] | None,
     base_url: str,
     concurrency: int,
-    now: Callable[[], float] | None = None,
 ) -> int:
     """``syncd files cleanup`` once the config is read: list, select, show, ask, delete, expire, sum up.
 
@@ -760,44 +761,29 @@ async def run_cleanup(
     """
     import time
 
-    from syncd.manifest import AlreadyRunning, SchemaMismatch
-
     book = _Book(state_dir)
     try:
-        try:
-            if opts.owned_only and not opts.dry_run:
-                book.take_lock()
-            else:
-                book.read()
-        except AlreadyRunning as exc:
-            return _complain(Failed(f"files cleanup --owned-only: {exc}; stop it and run again", EXIT_LOCKED))
-        except SchemaMismatch as exc:
-            return _complain(Failed(f"files cleanup: {exc}", EXIT_USAGE))
+        locked = opts.owned_only and not opts.dry_run
+        problem = _open_manifest(book, lock_for="--owned-only reads the manifest" if locked else None)
+        if problem is not None:
+            return _complain(problem)
         try:
             listing = [Listed.from_response(item) for item in await client.list_all()]
         except _expected_errors() as exc:
             what = "files cleanup: listing remote files failed, nothing deleted"
             return _complain(failure(what, exc, base_url))
         owned = book.owned() if opts.owned_only else None
-        started = (now or time.time)()
         selection = select_cleanup(
-            listing, now=started, older_than=opts.older_than, purpose=opts.purpose, owned=owned
+            listing, now=time.time(), older_than=opts.older_than, purpose=opts.purpose, owned=owned
         )
         doomed = selection.delete
         rows = book.referencing(d.file.id for d in doomed)
         if rows and not opts.dry_run and book.lock is None:
-            try:
-                book.take_lock()
-            except AlreadyRunning as exc:
-                return _complain(
-                    Failed(
-                        f"files cleanup: {len(rows)} of the files to delete are synced from {state_dir}"
-                        f" and {exc}; stop it and run again",
-                        EXIT_LOCKED,
-                    )
-                )
-            except SchemaMismatch as exc:
-                return _complain(Failed(f"files cleanup: {exc}", EXIT_USAGE))
+            problem = _open_manifest(
+                book, lock_for=f"{len(rows)} of the files to delete are synced from {state_dir}"
+            )
+            if problem is not None:
+                return _complain(problem)
             rows = book.referencing(d.file.id for d in doomed)  # as they are now, under the lock
         if not doomed:
             _summary(opts, selection, deleted=0, expired=0, failed=0)
@@ -823,6 +809,23 @@ async def run_cleanup(
         return await _delete_all(client, book, doomed, rows, opts, selection, base_url, concurrency)
     finally:
         book.close()
+
+
+def _open_manifest(book: _Book, *, lock_for: str | None) -> Failed | None:
+    """Open the manifest read-only, or (``lock_for`` says why) under the state dir's lock; the one-line
+    failure when a daemon holds the lock (exit 3) or the manifest is another syncd version's (exit 2)."""
+    from syncd.manifest import AlreadyRunning, SchemaMismatch
+
+    try:
+        if lock_for is None:
+            book.read()
+        else:
+            book.take_lock()
+    except AlreadyRunning as exc:
+        return Failed(f"files cleanup: {lock_for}, and {exc}; stop it and run again", EXIT_LOCKED)
+    except SchemaMismatch as exc:
+        return Failed(f"files cleanup: {exc}", EXIT_USAGE)
+    return None
 
 
 async def _delete_all(
