@@ -14,6 +14,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from syncd.config import Config, ConfigError, load_config, redacted
+from syncd.files_cmd import files_app
 
 EXIT_INCOMPLETE = 1
 EXIT_USAGE = 2
@@ -25,6 +26,7 @@ app = typer.Typer(
     help="Keep watched folders mirrored into a Files API.",
     pretty_exceptions_enable=False,
 )
+app.add_typer(files_app, name="files")
 
 ConfigOption = Annotated[
     Path | None,

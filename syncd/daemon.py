@@ -32,6 +32,7 @@ from syncd.counters import Counters
 from syncd.depth import AdaptiveDepth, FixedDepth, for_setting
 from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, ManifestReader
 from syncd.plan import Candidate, PathHint, is_due
+from syncd.remote import make_client, pool_size
 from syncd.rescan import RescanRequest
 from syncd.roots import Root, RootTable, build_roots, file_filter
 from syncd.scan import stat_path
@@ -52,24 +53,6 @@ MIN_QUIET_SECONDS = 0.05  # settle_seconds = 0 still debounces a burst of events
 
 
 # -- configuration helpers shared with once.py ----------------------------------------------------------
-
-
-def pool_size(config: Config) -> int:
-    """Connections the client keeps: the pinned depth, or the adaptive depth's ceiling."""
-    r = config.remote
-    return r.max_concurrency if r.concurrency == "auto" else r.concurrency
-
-
-def make_client(config: Config, base_url: str, key: str) -> FilesClient:
-    r = config.remote
-    return FilesClient(
-        base_url=base_url,
-        api_key=key,
-        timeout=r.timeout,
-        retries=r.retries,
-        concurrency=pool_size(config),
-        presigned_threshold=r.presigned_threshold,
-    )
 
 
 # -- the wiring ---------------------------------------------------------------------------------------

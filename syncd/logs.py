@@ -45,8 +45,10 @@ def configure(
         structlog.dev.ConsoleRenderer(colors=True) if use_console else structlog.processors.JSONRenderer()
     )
     # Console output goes to stderr so that command output (status --json) stays clean on stdout;
-    # JSON lines go to stdout, which journald captures.
-    stream = sys.stderr if use_console else sys.stdout
+    # JSON lines go to stdout, which journald captures. The stream is looked up at each write, not now:
+    # whoever swaps sys.stderr later (a command run in-process by a test runner) must not leave the
+    # loggers writing to a closed file. structlog builds a logger per call anyway (no caching).
+    stream_name = "stderr" if use_console else "stdout"
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -57,7 +59,7 @@ def configure(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *_: structlog.PrintLogger(getattr(sys, stream_name)),
         cache_logger_on_first_use=False,
     )
 

@@ -14,8 +14,9 @@ import structlog
 from syncd import logs
 from syncd.config import Config, require_api_key
 from syncd.counters import Counters
-from syncd.daemon import Run, make_client, wire
+from syncd.daemon import Run, wire
 from syncd.manifest import Manifest, ManifestMissing, ManifestReader, State
+from syncd.remote import make_client
 from syncd.roots import RootTable, build_roots
 from syncd.state import StateLock
 

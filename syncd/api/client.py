@@ -19,9 +19,10 @@ import importlib.metadata
 import mimetypes
 import os
 import random
+import secrets
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -248,6 +249,26 @@ class FilesClient:
             return None
         return self._noticed(_parse(FileResponse, response))
 
+    async def download(self, file_id: str, *, dest: Path) -> int:
+        """Write the file's bytes to ``dest`` atomically (a temporary name beside it, then a rename) and
+        return how many were written; ``dest`` is never left half-written, and an existing one is replaced
+        only by a complete copy.
+
+        Uses ``GET /files/{id}/content``, an extension of the reference server: the public API (and a
+        ``--public-only`` server) has no such route and answers 404, as it does for an unknown id, so a
+        caller that needs to tell the two apart asks :meth:`get` first. Retried like any call; each attempt
+        starts a new temporary file.
+        """
+        url = f"files/{_segment(file_id)}/content"
+
+        async def attempt() -> int:
+            async with self._slots:
+                return await self._receive(url, dest)
+
+        return await call_with_retries(
+            attempt, policy=self._policy, sleep=self._sleep, uniform=self._uniform, op="download"
+        )
+
     async def list_page(
         self, *, skip: int = 0, limit: int = MAX_PAGE, purpose: str | None = None
     ) -> list[FileResponse]:
@@ -429,7 +450,7 @@ class FilesClient:
             else None
         )
         extra: dict[str, Any] = {} if authorize else {"auth": None}
-        try:
+        with _mapped_errors(method, deadline):
             async with asyncio.timeout(deadline):
                 response = await self._http.request(
                     method,
@@ -441,21 +462,72 @@ class FilesClient:
                     timeout=httpx.Timeout(self._timeout, read=deadline),
                     **extra,
                 )
-        except TimeoutError as exc:
-            raise NetworkError(f"{method} timed out after {deadline:.0f} s") from exc
-        except httpx.TimeoutException as exc:
-            raise NetworkError(f"{method} timed out: {type(exc).__name__}") from exc
-        except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
-            raise NetworkError(f"{method} failed: {_describe(exc)}") from exc
-        except httpx.HTTPError as exc:
-            raise ApiError(f"{method} failed: {_describe(exc)}") from exc
         if response.is_success:
             return response
-        raise error_for_status(
-            response.status_code,
-            _detail(response),
-            retry_after=parse_retry_after(response.headers.get("Retry-After")),
-        )
+        raise _status_error(response)
+
+    async def _receive(self, url: str, dest: Path) -> int:
+        """One attempt of :meth:`download`: stream into a fresh temporary file beside ``dest``, then rename.
+
+        The temporary name is created with ``O_EXCL`` and mode 0666, so the umask applies as for any new
+        file and nothing else is ever overwritten by it; a failed attempt removes it.
+        """
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+        fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                written = await self._stream_into(url, out)
+                await asyncio.to_thread(out.flush)
+                await asyncio.to_thread(os.fsync, out.fileno())
+            await asyncio.to_thread(os.replace, tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return written
+
+    async def _stream_into(self, url: str, out: BinaryIO) -> int:
+        loop = asyncio.get_running_loop()
+        written = 0
+        with _mapped_errors("GET", self._timeout):
+            async with asyncio.timeout(self._timeout) as deadline:
+                async with self._http.stream("GET", url) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        raise _status_error(response)
+                    length = response.headers.get("Content-Length")
+                    expected = int(length) if length is not None and length.isdigit() else None
+                    # Like an upload's: the header wait is bounded by ``timeout``, the body by its size too.
+                    allowance = None if expected is None else self._timeout + expected / FLOOR_THROUGHPUT
+                    deadline.reschedule(None if allowance is None else loop.time() + allowance)
+                    async for chunk in response.aiter_bytes(CHUNK_SIZE):
+                        await asyncio.to_thread(out.write, chunk)
+                        written += len(chunk)
+        if expected is not None and written != expected:
+            raise NetworkError(f"GET {url}: body ended after {written} of {expected} bytes")
+        return written
+
+
+@contextmanager
+def _mapped_errors(method: str, deadline: float) -> Iterator[None]:
+    """Turn timeouts and httpx exceptions into :mod:`syncd.api.errors`, so httpx types stay in here."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise NetworkError(f"{method} timed out after {deadline:.0f} s") from exc
+    except httpx.TimeoutException as exc:
+        raise NetworkError(f"{method} timed out: {type(exc).__name__}") from exc
+    except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
+        raise NetworkError(f"{method} failed: {_describe(exc)}") from exc
+    except httpx.HTTPError as exc:
+        raise ApiError(f"{method} failed: {_describe(exc)}") from exc
+
+
+def _status_error(response: httpx.Response) -> ApiError:
+    return error_for_status(
+        response.status_code,
+        _detail(response),
+        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+    )
 
 
 def _describe(exc: Exception) -> str:

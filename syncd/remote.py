@@ -1,0 +1,25 @@
+"""The Files API client a config describes: one place that turns `[remote]` into a `FilesClient`, for the
+daemon, the one-shot passes and `syncd files`."""
+
+from __future__ import annotations
+
+from syncd.api import FilesClient
+from syncd.config import Config
+
+
+def pool_size(config: Config) -> int:
+    """Requests the client may have in flight: the pinned depth, or the adaptive depth's ceiling."""
+    r = config.remote
+    return r.max_concurrency if r.concurrency == "auto" else r.concurrency
+
+
+def make_client(config: Config, base_url: str, key: str) -> FilesClient:
+    r = config.remote
+    return FilesClient(
+        base_url=base_url,
+        api_key=key,
+        timeout=r.timeout,
+        retries=r.retries,
+        concurrency=pool_size(config),
+        presigned_threshold=r.presigned_threshold,
+    )
