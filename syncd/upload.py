@@ -13,11 +13,19 @@ import enum
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import structlog
 
-from syncd.api import ApiError, AuthError, FileResponse, FilesClient, SourceChangedError
+from syncd.api import (
+    ApiError,
+    AuthError,
+    FileResponse,
+    FilesClient,
+    OutcomeUnknownError,
+    SourceChangedError,
+)
 from syncd.counters import Counters
 from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, State
 from syncd.plan import ErrorKind, Failed, Reuse, UploadJob, on_upload_error, resolve, retry_delay
@@ -28,6 +36,9 @@ log = structlog.get_logger("syncd.upload")
 # A remote file created up to this long before the recorded intent still counts as ours after a crash:
 # the server's clock and ours may disagree by a little (NTP-synced hosts: well under a second).
 INTENT_SKEW_SECONDS = 5.0
+# An upload whose answer was lost is resolved by md5 lookup (and sent again if it did not land) this many
+# times in a row before the row waits for its backoff: repeated lost answers mean the server is in trouble.
+UNKNOWN_ROUNDS = 3
 
 
 class Outcome(enum.Enum):
@@ -38,6 +49,14 @@ class Outcome(enum.Enum):
     CHANGED = "changed"  # the file changed under us: send the path back to settle
     STALE = "stale"  # the row moved on to other content meanwhile: nothing to do
     WAITING = "waiting"  # not due yet (backoff, Retry-After): the retry sweep submits it again when due
+
+
+@dataclass(frozen=True, slots=True)
+class _Unknown:
+    """The upload was sent and its answer lost: it may be stored (the row stays ``uploading``)."""
+
+    error: OutcomeUnknownError
+    intent_at: float
 
 
 RemoteIndex = Mapping[tuple[str, str], FileResponse]
@@ -80,9 +99,42 @@ async def sync_job(
     """Give one queued row a remote file: reuse one if any exists for (md5, purpose), else upload.
 
     ``intent_window`` is how long an upload may take at most (all attempts): it bounds which remote files
-    created after a crash's recorded intent can be ours.
+    created after a crash's recorded intent can be ours. An upload whose answer was lost is resolved as a
+    crash's is, by md5 lookup first, never by sending it again blindly.
     """
     counters = counters if counters is not None else Counters()
+    rounds = 1
+    while isinstance(
+        outcome := await _sync_once(
+            job,
+            manifest=manifest,
+            client=client,
+            clock=clock,
+            remote_index=remote_index,
+            intent_window=intent_window,
+            counters=counters,
+        ),
+        _Unknown,
+    ):
+        if rounds >= UNKNOWN_ROUNDS:
+            return _record_error(
+                job, outcome.error, manifest=manifest, clock=clock, counters=counters, sent=True
+            )
+        rounds += 1
+        job, remote_index = replace(job, intent_at=outcome.intent_at), None
+    return outcome
+
+
+async def _sync_once(
+    job: UploadJob,
+    *,
+    manifest: Manifest,
+    client: FilesClient,
+    clock: Callable[[], float],
+    remote_index: RemoteIndex | None,
+    intent_window: float,
+    counters: Counters,
+) -> Outcome | _Unknown:
     ledger = _Ledger(manifest)
     local = manifest.local_copies(job.md5, job.purpose)
     hit: FileResponse | None = None
@@ -124,9 +176,10 @@ async def sync_job(
 
 async def _upload(
     job: UploadJob, *, manifest: Manifest, client: FilesClient, clock: Callable[[], float], counters: Counters
-) -> Outcome:
+) -> Outcome | _Unknown:
     if not manifest.mark_uploading(job.key, md5=job.md5):
         return Outcome.STALE
+    intent = manifest.get(job.key)
     started = time.monotonic()
     try:
         response = await client.upload(
@@ -135,6 +188,12 @@ async def _upload(
             filename=job.path.name,
             expected=(job.stat.size, job.stat.mtime_ns),
         )
+    except OutcomeUnknownError as exc:
+        counters.failures[failure_kind(exc)] += 1
+        log.info(
+            "upload answer lost; resolving it by md5", path=job.key.relpath, md5=job.md5, error=exc.detail
+        )
+        return _Unknown(exc, intent.updated_at if intent is not None else clock())
     except SourceChangedError:
         # Cut short before its last byte: the server stores nothing from it.
         counters.failures["changed"] += 1

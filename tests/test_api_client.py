@@ -28,7 +28,9 @@ from syncd.api import (
     FilesClient,
     NetworkError,
     NotFoundError,
+    OutcomeUnknownError,
     RateLimitedError,
+    ServerError,
     SourceChangedError,
     TooLargeError,
     UnsupportedTypeError,
@@ -216,6 +218,31 @@ async def test_retries_recover_from_faults(server_factory: ServerFactory, tmp_pa
     assert (small.bytes, big.bytes) == (len(direct), len(presigned))
     assert await remote_bytes(server, small.id) == direct
     assert await remote_bytes(server, big.id) == presigned
+
+
+@pytest.mark.parametrize("kind", ["500", "reset"])
+async def test_an_upload_that_may_have_been_stored_is_not_sent_again(
+    server_factory: ServerFactory, tmp_path: Path, kind: str
+) -> None:
+    """A direct upload stores a new file each time: after an answer that does not say whether it did, a
+    second send could store a second copy. The caller resolves it by md5 lookup instead."""
+    server = server_factory(fault_rate=1.0, fault_kinds=(kind,))
+    h = harness(server)
+    async with h.client(retries=5) as client:
+        with pytest.raises(OutcomeUnknownError) as caught:
+            await client.upload(write(tmp_path / "a.txt", b"a" * 500), purpose="assistants")
+    assert not caught.value.retryable
+    assert h.wire.counts()[("POST", "/v1/files")] == 1
+    assert h.waits == []
+
+
+async def test_an_upload_refused_for_now_is_sent_again(server_factory: ServerFactory, tmp_path: Path) -> None:
+    server = server_factory(fault_rate=1.0, fault_kinds=("503",))
+    h = harness(server)
+    async with h.client(retries=2) as client:
+        with pytest.raises(ServerError):
+            await client.upload(write(tmp_path / "a.txt", b"a" * 500), purpose="assistants")
+    assert h.wire.counts()[("POST", "/v1/files")] == 3
 
 
 async def test_retry_after_is_a_floor_for_the_wait(server_factory: ServerFactory) -> None:

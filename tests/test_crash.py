@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, Syncd, free_port, wait_for
+from conftest import DaemonProcess, ServerFactory, Syncd, free_port, wait_for
 from soak import (
     Figures,
     LocalFile,
     MiB,
     Seat,
+    ServerProcess,
     audit,
     content,
     key_leaks,
@@ -241,4 +242,70 @@ def test_kill_9_in_every_window_loses_duplicates_and_corrupts_nothing(
     assert not found.problems, "\n".join(found.problems[:20])
     assert set(targets) <= set(figures.windows), figures.windows
     assert not leaks, f"the API key appears in {leaks}"
+    assert not crashes(w), crashes(w)[:3]
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_the_server_mid_upload_and_a_restart_on_its_data_dir_lose_and_duplicate_nothing(
+    tmp_path: Path, server_factory: ServerFactory, syncd_factory: MakeSyncd
+) -> None:
+    """The server dies twice under a running daemon: once after storing uploads whose answers it held back
+    (fault ``slow``), once while receiving a presigned PUT; each time it restarts on the same data dir."""
+    server = ServerProcess(
+        tmp_path / "served", secrets.token_urlsafe(16), free_port(), tmp_path / "serve.log"
+    )
+    server.start("--fault-rate", "1", "--fault-kinds", "slow")
+    w = syncd_factory(server_factory())  # the config names the server process below instead
+    w.server = type(w.server)(server.base_url, server.api_key, server.data_dir, w.server.stats)
+    write_config(w, remote={"timeout": 30.0})
+    local = [
+        write_file(w.root, f"s/{i:02d}.txt", content(f"small {i}", 2000 + i), "assistants") for i in range(30)
+    ]
+    figures = Figures("crash: server kill -9", files=len(local) + 1)
+    started = time.monotonic()
+    daemon = None
+    try:
+        wait_for(server.healthy, what="the server to start")
+        daemon = w.start()
+        figures.runs += 1
+
+        def landed() -> bool:
+            stored, _, _ = server_view(server.data_dir)
+            return any(r.state is State.UPLOADING and (r.md5, r.purpose) in stored for r in w.rows().values())
+
+        wait_for(landed, timeout=60, what="an upload stored with its answer held back", diagnose=daemon.tail)
+        server.kill9()
+        figures.kills += 1
+        figures.windows["server: answer held back"] = 1
+        server.start()
+        wait_for(server.healthy, what="the server to restart")
+
+        big = write_file(w.root, "big.bin", content("big", 34 * MiB), "assistants")
+        local.append(big)
+
+        def receiving_put() -> bool:
+            _, pending, receiving = server_view(server.data_dir)
+            return any(pending.get(i) == "big.bin" for i in receiving)
+
+        wait_for(receiving_put, timeout=60, what="the presigned PUT to be received", diagnose=daemon.tail)
+        server.kill9()
+        figures.kills += 1
+        figures.windows["server: receiving a PUT"] = 1
+        server.start()
+        wait_for(server.healthy, what="the server to restart")
+        w.wait_synced(*(f.relpath for f in local), timeout=120, daemon=daemon)
+        assert daemon.stop() == 0, daemon.tail()
+        figures.seconds = time.monotonic() - started
+        found = audit(w, local)
+        figures.duplicates, figures.lost, figures.wrong_bytes = (
+            found.duplicates,
+            found.lost,
+            found.wrong_bytes,
+        )
+    finally:
+        if daemon is not None and daemon.alive():
+            daemon.kill9()
+        server.stop()
+        figures.record()
+    assert not found.problems, "\n".join(found.problems[:20])
     assert not crashes(w), crashes(w)[:3]

@@ -365,15 +365,21 @@ async def test_a_same_size_edit_after_hashing_is_caught_against_the_public_api_s
 
 
 class LostResponseTransport(httpx.AsyncBaseTransport):
-    """The real transport, except that the answer to an upload is lost after the server stored it."""
+    """The real transport, except that the answer to an upload is lost after the server stored it (and,
+    with ``lookups_fail``, every hash lookup after that fails)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, lookups_fail: bool = False) -> None:
         self._inner = httpx.AsyncHTTPTransport()
+        self._lookups_fail = lookups_fail
+        self._lost = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._lost and self._lookups_fail and "/files/hash/" in request.url.path:
+            raise httpx.ConnectError("no route to host", request=request)
         response = await self._inner.handle_async_request(request)
         if request.method == "POST" and request.url.path.endswith("/files"):
             await response.aread()
+            self._lost = True
             raise httpx.ReadTimeout("the answer never came", request=request)
         return response
 
@@ -381,11 +387,23 @@ class LostResponseTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
+async def test_an_upload_whose_answer_was_lost_is_resolved_by_md5_not_sent_again(
+    server: RunningServer, manifest: Manifest, root: Path
+) -> None:
+    job = queue_file(manifest, root, "scan.pdf", b"landed, but the response was lost")
+    async with client_for(server, retries=3, transport=LostResponseTransport()) as client:
+        assert await run(job, manifest, client, intent_window=600.0) is Outcome.REUSED
+    assert server.stats.uploads == 1  # resolved by the md5 lookup, not a second upload
+    [remote] = remote_files(server)
+    assert (row(manifest, job).state, row(manifest, job).remote_id) == (State.SYNCED, remote["id"])
+    assert row(manifest, job).owned
+
+
 async def test_an_upload_whose_answer_was_lost_keeps_its_intent_and_is_owned_on_retry(
     server: RunningServer, manifest: Manifest, root: Path
 ) -> None:
     job = queue_file(manifest, root, "scan.pdf", b"landed, but the response was lost")
-    async with client_for(server, retries=0, transport=LostResponseTransport()) as client:
+    async with client_for(server, retries=0, transport=LostResponseTransport(lookups_fail=True)) as client:
         assert await run(job, manifest, client) is Outcome.RETRY
     entry = row(manifest, job)
     assert entry.state is State.UPLOADING  # the intent survives: the bytes may be on the server

@@ -31,7 +31,15 @@ from typing import Any, BinaryIO, Self, TypeVar
 import httpx
 import pydantic
 
-from syncd.api.errors import ApiError, NetworkError, NotFoundError, SourceChangedError, error_for_status
+from syncd.api.errors import (
+    ApiError,
+    NetworkError,
+    NotFoundError,
+    OutcomeUnknownError,
+    ServerError,
+    SourceChangedError,
+    error_for_status,
+)
 from syncd.api.models import FileResponse, PresignedUrlResponse
 from syncd.api.retry import MAX_RETRY_AFTER_SECONDS, RetryPolicy, call_with_retries, parse_retry_after
 from syncd.config import CONCURRENCY, PRESIGNED_THRESHOLD, RETRIES, TIMEOUT_SECONDS
@@ -378,7 +386,7 @@ class FilesClient:
                 yield _Body(stream(), len(head) + size + len(tail), content_type)
 
         params = {"purpose": purpose, "generate_public_url": "true" if public else "false"}
-        response = await self._call("upload", "POST", "files", params=params, body=multipart)
+        response = await self._call("upload", "POST", "files", params=params, body=multipart, resend=False)
         return _parse(FileResponse, response)
 
     async def _upload_presigned(
@@ -415,18 +423,27 @@ class FilesClient:
         json: dict[str, Any] | None = None,
         body: Callable[[], AbstractAsyncContextManager[_Body]] | None = None,
         authorize: bool = True,
+        resend: bool = True,
     ) -> httpx.Response:
         """Send one logical request with retries; return the 2xx response or raise an :class:`ApiError`.
 
         ``body`` builds a fresh :class:`_Body` context per attempt, so a retry re-opens the file.
+        ``resend=False`` for a request that stores a new file each time it is carried out: it is sent again
+        only after an answer saying it was not (429, 503, no connection); any other failure raises
+        :class:`OutcomeUnknownError`.
         """
 
         async def attempt() -> httpx.Response:
             async with self._slots:
-                if body is None:
-                    return await self._send(method, url, params=params, json=json, authorize=authorize)
-                async with body() as b:
-                    return await self._send(method, url, params=params, body=b, authorize=authorize)
+                try:
+                    if body is None:
+                        return await self._send(method, url, params=params, json=json, authorize=authorize)
+                    async with body() as b:
+                        return await self._send(method, url, params=params, body=b, authorize=authorize)
+                except (NetworkError, ServerError) as exc:
+                    if resend or _not_carried_out(exc):
+                        raise
+                    raise OutcomeUnknownError(f"{exc} (it may have been stored)", status=exc.status) from exc
 
         return await call_with_retries(
             attempt, policy=self._policy, sleep=self._sleep, uniform=self._uniform, op=op
@@ -520,6 +537,14 @@ def _mapped_errors(method: str, deadline: float) -> Iterator[None]:
         raise NetworkError(f"{method} failed: {_describe(exc)}") from exc
     except httpx.HTTPError as exc:
         raise ApiError(f"{method} failed: {_describe(exc)}") from exc
+
+
+def _not_carried_out(exc: NetworkError | ServerError) -> bool:
+    """The failure says the server did not act on the request: it refused it for now (503), or the
+    connection was never made."""
+    if exc.status == 503:
+        return True
+    return isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 
 
 def _status_error(response: httpx.Response) -> ApiError:

@@ -72,6 +72,12 @@ class NetworkError(ApiError):
     retryable = True
 
 
+class OutcomeUnknownError(ApiError):
+    """A request that stores a new file got no answer saying whether it did (a timeout, a reset, a 500):
+    the file may be stored. Never retried by the client, since sending it again could store a second
+    copy; the caller asks the remote cache (md5 lookup) before sending it again (design §3)."""
+
+
 class SourceChangedError(Exception):
     """The local file changed size or mtime while it was being sent, so the upload was aborted.
 
