@@ -180,8 +180,8 @@ class Seat:
 
     def stop(self) -> None:
         if self._stack is not None and self._server is not None:
+            self._stack.close()  # requests in flight finish first: count them too
             self.totals.update(self._server.stats.snapshot())
-            self._stack.close()
         self._stack = self._server = None
 
 

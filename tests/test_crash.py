@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import DaemonProcess, ServerFactory, Syncd, free_port, wait_for
 from soak import (
@@ -308,4 +309,86 @@ def test_kill_9_of_the_server_mid_upload_and_a_restart_on_its_data_dir_lose_and_
         server.stop()
         figures.record()
     assert not found.problems, "\n".join(found.problems[:20])
+    assert not crashes(w), crashes(w)[:3]
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_during_a_reconciles_deletes_and_the_rerun_deletes_nothing_twice(
+    tmp_path: Path, syncd_factory: MakeSyncd
+) -> None:
+    """Each delete takes a WAN round trip (``latency_ms``), so the daemon is killed with some of its prunes
+    sent and the rest planned; the next run finishes the plan from a fresh listing."""
+    seat = Seat(tmp_path / "server", secrets.token_urlsafe(16), free_port())
+    server = seat.start()
+    w = syncd_factory(server)
+    write_config(
+        w,
+        watch={"delete_grace_seconds": 0},
+        reconcile={"interval_seconds": 1, "max_delete": 1000, "max_delete_fraction": 1.0},
+    )
+    files = [
+        write_file(w.root, f"r/{i:02d}.txt", content(f"reconciled {i}", 3000 + i), "assistants")
+        for i in range(60)
+    ]
+    other = httpx.post(
+        f"{server.base_url}/files",
+        params={"purpose": "assistants"},
+        files={"file": ("theirs.txt", b"another client's file")},
+        headers={"Authorization": f"Bearer {server.api_key}"},
+    ).json()
+    done = w.sync_once()
+    assert done.returncode == 0, done.stdout[-2000:]
+    gone, kept = files[:40], files[40:]
+    for f in gone:
+        (w.root / f.relpath).unlink()
+    before = {i["id"] for i in w.remote()}
+    figures = Figures("crash: kill -9 mid-reconcile", files=len(files))
+    seat.stop()
+    try:
+        server = seat.start(latency_ms=300)
+        daemon = w.start()
+        figures.runs += 1
+
+        def deleting() -> bool:
+            if not 5 <= server.stats.deletes < len(gone):
+                return False
+            os.kill(daemon.proc.pid, signal.SIGSTOP)
+            return True
+
+        wait_for(deleting, timeout=120, what="the reconciler to be deleting", diagnose=daemon.tail)
+        daemon.kill9()
+        figures.kills += 1
+        figures.windows["reconcile deletes"] = 1
+        seat.stop()
+        server = seat.start()
+        daemon = w.start()
+        figures.runs += 1
+
+        def finished() -> bool:
+            rows = w.rows()
+            return len(w.remote()) == len(kept) + 1 and not any(f.relpath in rows for f in gone)
+
+        wait_for(finished, timeout=60, what="the rerun to finish the prunes", diagnose=daemon.tail)
+        assert daemon.stop() == 0, daemon.tail()
+        listing = w.remote()
+        found = audit(w, kept, listing=listing, others=[other["id"]])
+        figures.duplicates, figures.lost, figures.wrong_bytes = (
+            found.duplicates,
+            found.lost,
+            found.wrong_bytes,
+        )
+        ids = {i["id"] for i in listing}
+        figures.wrong_deletions = len(({other["id"]} | {r.remote_id for r in w.rows().values()}) - ids)
+    finally:
+        seat.stop()
+        figures.record()
+    assert not found.problems, "\n".join(found.problems[:20])
+    assert figures.wrong_deletions == 0
+    assert seat.totals["deletes"] == len(gone), "every pruned file was sent exactly one DELETE"
+    assert len(before - ids) == len(gone)
+    assert other["id"] in ids
+    rows = w.rows()
+    assert sorted(rows) == sorted(f.relpath for f in kept)
+    assert all(r.state is State.SYNCED and r.owned for r in rows.values())
+    assert not [n for n in w.status()["notes"] if n.startswith("reconcile")]
     assert not crashes(w), crashes(w)[:3]
