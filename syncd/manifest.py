@@ -17,6 +17,8 @@ Deviations from design §3, and why:
 - ``notes`` table: free-form key → text, e.g. "pruning held: root unavailable", shown by ``status``.
 - an index on ``(md5, purpose)`` of synced rows so the planner finds this manifest's own copies without
   a scan (partial: random md5 keys are the costliest index to insert into; only synced rows need it).
+- a relpath that is not valid UTF-8 (``os.fsdecode`` keeps such bytes as lone surrogates, which SQLite text
+  cannot hold) is stored as a blob of its exact bytes; every other one as text.
 - a rowid table with ``UNIQUE(root_id, relpath)`` rather than that as primary key: secondary indexes
   then repeat an 8-byte rowid, not the path (measured ~10% faster and ~10% smaller).
 
@@ -177,6 +179,24 @@ def _i64(value: int) -> int:
 
 def _u64(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
+
+
+def _stored(relpath: str) -> str | bytes:
+    """A relpath as the manifest holds it: text, or the exact bytes of a name that is not valid UTF-8."""
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        return relpath.encode("utf-8", "surrogateescape")
+    return relpath
+
+
+def _loaded(value: str | bytes) -> str:
+    """A stored relpath as ``os.fsdecode`` spells it (so ``root / relpath`` names the very file)."""
+    return value if isinstance(value, str) else value.decode("utf-8", "surrogateescape")
+
+
+def _where(key: FileKey) -> tuple[int, str | bytes]:
+    return key.root_id, _stored(key.relpath)
 
 
 _STATE_CODES: tuple[State, ...] = tuple(State)
@@ -359,7 +379,7 @@ _ENTRY_COLUMNS = (
 def _entry(row: tuple[Any, ...]) -> Entry:
     return Entry(
         root_id=row[0],
-        relpath=row[1],
+        relpath=_loaded(row[1]),
         stat=StatKey(row[2], row[3], row[4], _u64(row[5])),
         xxh3=row[6],
         md5=row[7],
@@ -392,6 +412,7 @@ class ManifestReader:
         self._conn = conn
         self.path = path
         self._conn.create_function("pyhash", 1, hash, deterministic=True)
+        self._conn.create_function("pyhash_bytes", 1, lambda b: hash(_loaded(b)), deterministic=True)
 
     @classmethod
     def open_readonly(cls, state_dir: Path) -> ManifestReader:
@@ -431,7 +452,7 @@ class ManifestReader:
 
     def get(self, key: FileKey) -> Entry | None:
         row = self._conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM files WHERE root_id=? AND relpath=?", key
+            f"SELECT {_ENTRY_COLUMNS} FROM files WHERE root_id=? AND relpath=?", _where(key)
         ).fetchone()
         return _entry(row) if row is not None else None
 
@@ -463,7 +484,7 @@ class ManifestReader:
             "SELECT relpath, state, purpose, missing_since FROM files WHERE root_id=?", (root_id,)
         )
         for relpath, state, purpose, missing_since in cur:
-            yield relpath, State(state), purpose, missing_since
+            yield _loaded(relpath), State(state), purpose, missing_since
 
     def missing_rows(self, root_id: int) -> list[Entry]:
         """Rows of a root whose path was seen missing and that are not ``deleted`` yet (the grace sweep)."""
@@ -478,7 +499,8 @@ class ManifestReader:
     def load_quick_index(self, root_id: int) -> QuickIndex:
         """The compact one-stat quick-check index of a root (sorted by SQLite, not in Python memory)."""
         cur = self._conn.execute(
-            "SELECT pyhash(relpath) AS h, size, mtime_ns, ctime_ns, inode, state FROM files"
+            "SELECT CASE typeof(relpath) WHEN 'blob' THEN pyhash_bytes(relpath) ELSE pyhash(relpath) END"
+            " AS h, size, mtime_ns, ctime_ns, inode, state FROM files"
             " WHERE root_id=? ORDER BY h",
             (root_id,),
         )
@@ -701,7 +723,9 @@ class Manifest(ManifestReader):
         that is gone (row removed or ``deleted``) while the job awaited the network: the job is then
         stale, not a bug, and must not kill its worker.
         """
-        row = self._conn.execute("SELECT state, md5 FROM files WHERE root_id=? AND relpath=?", key).fetchone()
+        row = self._conn.execute(
+            "SELECT state, md5 FROM files WHERE root_id=? AND relpath=?", _where(key)
+        ).fetchone()
         if md5 is not None and (row is None or row[1] != md5 or row[0] == State.DELETED.value):
             return False
         if row is None:
@@ -711,7 +735,7 @@ class Manifest(ManifestReader):
     def _transition(
         self, key: FileKey, what: str, sql: str, values: tuple[Any, ...], md5: str | None
     ) -> bool:
-        params = (*values, self._clock(), key.root_id, key.relpath)
+        params = (*values, self._clock(), *_where(key))
         if md5 is not None:
             params = (*params, md5)
         if self._write(sql, params) == 1:
@@ -729,8 +753,7 @@ class Manifest(ManifestReader):
         self._write(
             _UPSERT_QUEUED,
             (
-                key.root_id,
-                key.relpath,
+                *_where(key),
                 stat.size,
                 stat.mtime_ns,
                 stat.ctime_ns,
@@ -781,7 +804,7 @@ class Manifest(ManifestReader):
             changed = self._write(
                 "UPDATE files SET attempts=attempts+1, next_attempt_at=?, last_error=?"
                 " WHERE root_id=? AND relpath=? AND state='uploading' AND md5=?",
-                (next_attempt_at, error, key.root_id, key.relpath, md5),
+                (next_attempt_at, error, *_where(key), md5),
             )
             if changed == 1:
                 return True
@@ -803,11 +826,11 @@ class Manifest(ManifestReader):
         """Remember when the path was first seen missing (later calls keep the first time)."""
         self._write(
             "UPDATE files SET missing_since=coalesce(missing_since, ?) WHERE root_id=? AND relpath=?",
-            (now, *key),
+            (now, *_where(key)),
         )
 
     def clear_missing(self, key: FileKey) -> None:
-        self._write("UPDATE files SET missing_since=NULL WHERE root_id=? AND relpath=?", key)
+        self._write("UPDATE files SET missing_since=NULL WHERE root_id=? AND relpath=?", _where(key))
 
     def update_stat(self, key: FileKey, stat: StatKey) -> None:
         """Same content, new stat key (touch, copy-back): the next quick check skips hashing again.
@@ -817,14 +840,16 @@ class Manifest(ManifestReader):
         self._write(
             "UPDATE files SET size=?, mtime_ns=?, ctime_ns=?, inode=?, missing_since=NULL, updated_at=?"
             " WHERE root_id=? AND relpath=?",
-            (stat.size, stat.mtime_ns, stat.ctime_ns, _i64(stat.inode), self._clock(), *key),
+            (stat.size, stat.mtime_ns, stat.ctime_ns, _i64(stat.inode), self._clock(), *_where(key)),
         )
 
     def remove(self, key: FileKey) -> None:
         """Drop a row that references nothing live (see ``REMOVABLE``); missing rows are fine."""
         sql = f"DELETE FROM files WHERE root_id=? AND relpath=? AND state IN ({_placeholders(REMOVABLE)})"
-        if self._write(sql, key) == 0:
-            row = self._conn.execute("SELECT state FROM files WHERE root_id=? AND relpath=?", key).fetchone()
+        if self._write(sql, _where(key)) == 0:
+            row = self._conn.execute(
+                "SELECT state FROM files WHERE root_id=? AND relpath=?", _where(key)
+            ).fetchone()
             if row is not None:
                 raise InvalidTransition(f"{key.relpath!r} (root {key.root_id}): cannot remove a {row[0]} row")
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+import os
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -73,6 +75,15 @@ class _Ledger:
         return isinstance(remote_id, str) and self._manifest.is_owned(remote_id)
 
 
+def remote_name(name: str) -> str:
+    """The filename a local file is uploaded under: valid UTF-8 (undecodable bytes of a Latin-1 name become
+    U+FFFD), printable (control characters too), NFC and unpadded, as a server keeps it; the exact local
+    name stays in the manifest. Sent as kept, a crash's upload is recognised by its name."""
+    text = os.fsencode(name).decode("utf-8", "replace")
+    text = unicodedata.normalize("NFC", "".join(c if c.isprintable() else "\ufffd" for c in text)).strip()
+    return text or "unnamed"
+
+
 def ours_by_intent(hit: FileResponse, job: UploadJob, window: float) -> bool:
     """Whether a hit for a row left `uploading` by a crash is our own interrupted upload.
 
@@ -80,7 +91,7 @@ def ours_by_intent(hit: FileResponse, job: UploadJob, window: float) -> bool:
     upload could have landed, counts. Anything else is adopted (never pruned): wrongly adopting our own
     file leaks one remote copy, wrongly owning another client's file could delete it.
     """
-    if job.intent_at is None or hit.filename != job.path.name or hit.bytes != job.stat.size:
+    if job.intent_at is None or hit.filename != remote_name(job.path.name) or hit.bytes != job.stat.size:
         return False
     created = hit.created_at.timestamp()
     return job.intent_at - INTENT_SKEW_SECONDS <= created <= job.intent_at + window + INTENT_SKEW_SECONDS
@@ -185,7 +196,7 @@ async def _upload(
         response = await client.upload(
             job.path,
             purpose=job.purpose,
-            filename=job.path.name,
+            filename=remote_name(job.path.name),
             expected=(job.stat.size, job.stat.mtime_ns),
         )
     except OutcomeUnknownError as exc:

