@@ -91,7 +91,13 @@ def ours_by_intent(hit: FileResponse, job: UploadJob, window: float) -> bool:
     upload could have landed, counts. Anything else is adopted (never pruned): wrongly adopting our own
     file leaks one remote copy, wrongly owning another client's file could delete it.
     """
-    if job.intent_at is None or hit.filename != remote_name(job.path.name) or hit.bytes != job.stat.size:
+    sent = remote_name(job.path.name)
+    # A multipart upload carries a double quote in a filename as %22 (WHATWG), and servers keep it so.
+    if (
+        job.intent_at is None
+        or hit.filename not in (sent, sent.replace('"', "%22"))
+        or hit.bytes != job.stat.size
+    ):
         return False
     created = hit.created_at.timestamp()
     return job.intent_at - INTENT_SKEW_SECONDS <= created <= job.intent_at + window + INTENT_SKEW_SECONDS

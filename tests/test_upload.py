@@ -399,11 +399,11 @@ async def test_an_upload_whose_answer_was_lost_is_resolved_by_md5_not_sent_again
     assert row(manifest, job).owned
 
 
-@pytest.mark.parametrize("name", ["caf\udce9.pdf", "tab\there.pdf"])
+@pytest.mark.parametrize("name", ['quote"d.pdf', "caf\udce9.pdf", "tab\there.pdf"])
 async def test_a_lost_upload_under_an_odd_name_is_recognised_as_ours(
     server: RunningServer, manifest: Manifest, root: Path, name: str
 ) -> None:
-    """The name the server keeps (a Latin-1 byte as U+FFFD, a tab as U+FFFD) is the one
+    """The name the server keeps (a quote as %22, a Latin-1 byte as U+FFFD, a tab as U+FFFD) is the one
     the lookup after a lost answer compares: our upload is owned, not adopted and never pruned."""
     job = queue_file(manifest, root, name, b"landed under an odd name")
     async with client_for(server, retries=3, transport=LostResponseTransport()) as client:
