@@ -287,6 +287,13 @@ async def _watch_and_wait(
             await sweep()
             for root in await rescan.sweep_missing(roots, manifest=manifest, counters=counters, clock=clock):
                 await rescans.put(RescanRequest(root.index))  # a held root is back: walk it now
+            for index in watcher.gone():
+                root = roots.roots[index]
+                # `rm -rf root && mkdir root` (the inode reused): the same root to the guards, a new one to
+                # inotify. A root held as replaced waits for --confirm and a restart instead.
+                if not roots.is_held(root) and await asyncio.to_thread(root.path.is_dir):
+                    await asyncio.to_thread(watcher.rewatch, index)
+                    await rescans.put(RescanRequest(index))
             commit.maybe()
 
     async def committer() -> None:

@@ -209,7 +209,7 @@ class _Handler(FileSystemEventHandler):
     def _dir(self, path: bytes | str) -> None:
         rel = self._rel(path)
         if rel == "":
-            self._watcher._lost_root(self._index)  # the root itself went away or moved
+            self._watcher._root_gone(self._index)  # the root itself went away or moved
         elif rel is not None and not self._dir_ignored(rel):
             self._watcher._emit(PathHint(self._index, rel, "rescan"))
 
@@ -241,6 +241,7 @@ class Watcher:
     lost (queue full, kernel queue overflow, root removed): the daemon rescans that root.
     Lifecycle: ``start()`` (raises ``InotifyLimitError`` for a ``mode="inotify"`` root that
     cannot be watched), ``stop()`` (joins the observers). ``modes`` tells what each root got.
+    A root whose own directory was deleted or moved is in ``gone()`` until ``rewatch(index)``.
     """
 
     def __init__(
@@ -265,31 +266,57 @@ class Watcher:
         self._wakeup_pending = False
         self._observers: list[BaseObserver] = []
         self.modes: list[Literal["inotify", "poll"]] = []
+        self._gone: set[int] = set()
+        self._life = threading.Lock()  # start, stop and rewatch never interleave
+        self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         try:
-            for index, root in enumerate(self.roots):
-                self._start_root(index, root)
+            with self._life:
+                for index, root in enumerate(self.roots):
+                    observer, mode = self._observe(index, root)
+                    self._observers.append(observer)
+                    self.modes.append(mode)
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
-        for observer in self._observers:
-            observer.stop()
-        for observer in self._observers:
-            if observer.is_alive():
-                observer.join()
-        self._observers.clear()
+        with self._life:
+            self._stopped = True
+            for observer in self._observers:
+                observer.stop()
+            for observer in self._observers:
+                if observer.is_alive():
+                    observer.join()
+            self._observers.clear()
 
-    def _start_root(self, index: int, root: WatchRoot) -> None:
+    def gone(self) -> set[int]:
+        """Roots whose directory was deleted or moved since they were watched: a watch on a deleted
+        directory never reports anything again, even once a directory of that name is back."""
+        with self._lock:
+            return set(self._gone)
+
+    def rewatch(self, index: int) -> None:
+        """Watch the root afresh (its directory is back); the caller rescans it for what came meanwhile."""
+        with self._life:
+            if self._stopped:
+                return
+            with self._lock:
+                self._gone.discard(index)
+            old = self._observers[index]
+            old.stop()
+            if old.is_alive():
+                old.join()
+            self._observers[index], self.modes[index] = self._observe(index, self.roots[index])
+        log.info("watching the root again", root=self.roots[index].path, mode=self.modes[index])
+
+    def _observe(self, index: int, root: WatchRoot) -> tuple[BaseObserver, Literal["inotify", "poll"]]:
         if root.mode != "poll":
             try:
-                self._observers.append(self._start_inotify(index, root))
-                self.modes.append("inotify")
-                return
+                return self._start_inotify(index, root), "inotify"
             except OSError as exc:
                 if not _is_limit(exc):
                     raise
@@ -297,8 +324,7 @@ class Watcher:
                 if root.mode == "inotify":
                     raise InotifyLimitError(message) from exc
                 log.warning(message + "; polling this root instead", root=root.path)
-        self._observers.append(self._start_polling(index, root))
-        self.modes.append("poll")
+        return self._start_polling(index, root), "poll"
 
     def _start_inotify(self, index: int, root: WatchRoot) -> BaseObserver:
         observer = _InotifyObserver()  # OSError(EMFILE) when inotify instances ran out
@@ -354,6 +380,11 @@ class Watcher:
                 return
             self._wakeup_pending = True
         self._wake()
+
+    def _root_gone(self, index: int) -> None:
+        with self._lock:
+            self._gone.add(index)
+        self._lost_root(index)
 
     def _lost_root(self, index: int) -> None:
         with self._lock:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, Syncd, md5_of, wait_for
+from conftest import DaemonProcess, ServerFactory, Syncd, md5_of, wait_for
 from soak import write_config
 
 from syncd.server import RunningServer, ServerSettings, running_server
@@ -136,3 +137,46 @@ class TestBadInput:
             assert item["md5"] == md5_of(data)
             [synced] = [r for r in live.mentions(relpath) if r["event"] == "synced"]
             assert synced["remote_id"] == item["id"]  # one JSON line per record, the name intact in it
+
+
+@pytest.mark.timeout(120)
+def test_a_root_deleted_and_re_created_is_synced_again_or_held_as_replaced(
+    server_factory: ServerFactory, syncd_factory: MakeSyncd
+) -> None:
+    """`rm -rf root && mkdir root`. A directory with the old inode (ext4 hands the freed one out again at
+    once) is the same root to the guards: syncing goes on, events included, and what was not put back
+    counts as deleted. One with a new inode is held as replaced (one error line, a status note, nothing
+    pruned or uploaded) until `syncd reconcile --once --confirm` accepts it."""
+    server = server_factory()
+    w = syncd_factory(server)
+    write_config(w, watch={"delete_grace_seconds": 0}, reconcile={"interval_seconds": 1})
+    (w.root / "a.txt").write_bytes(b"put back")
+    (w.root / "b.txt").write_bytes(b"not put back")
+    daemon = w.start()
+    w.wait_synced("a.txt", "b.txt", daemon=daemon)
+    ids = {f["id"] for f in w.remote()}
+    inode = os.stat(w.root).st_ino
+    shutil.rmtree(w.root)
+    w.root.mkdir()
+    (w.root / "a.txt").write_bytes(b"put back")
+    if os.stat(w.root).st_ino == inode:
+        (w.root / "later.txt").write_bytes(b"written into the root that is back")
+        w.wait_synced("a.txt", "later.txt", timeout=30, daemon=daemon)  # not at the hourly rescan
+        (w.root / "last.txt").write_bytes(b"seen by the new watch")
+        w.wait_synced("last.txt", timeout=20, daemon=daemon)  # the root is watched again within 10 s
+        names = {"a.txt", "later.txt", "last.txt"}
+        wait_for(lambda: {f["filename"] for f in w.remote()} == names, what="b.txt pruned")
+        assert daemon.stop() == 0
+        return
+    replaced = "root is another directory than recorded (replaced or re-created?)"
+    held = "root unavailable: not syncing it"
+    wait_for(lambda: daemon.logged(held, reason=replaced), timeout=30, diagnose=daemon.tail)
+    done = len(daemon.logged("reconcile done"))
+    wait_for(lambda: len(daemon.logged("reconcile done")) >= done + 2, what="two reconciles")
+    assert {f["id"] for f in w.remote()} == ids, "nothing pruned nor uploaded while held"
+    assert len(daemon.logged(held, reason=replaced)) == 1
+    assert replaced in w.status()["notes"][f"root:{w.root}"]
+    assert daemon.stop() == 0
+    confirmed = w.cli("reconcile", "--once", "--confirm")
+    assert confirmed.returncode == 0, confirmed.stdout[-2000:] + confirmed.stderr
+    assert {f["filename"] for f in w.remote()} == {"a.txt"}
