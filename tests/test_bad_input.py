@@ -12,19 +12,22 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
+import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from conftest import DaemonProcess, ServerFactory, Syncd, md5_of, wait_for
-from soak import write_config
+from soak import content, pick, write_config
 
 from syncd.server import RunningServer, ServerSettings, running_server
 
 MakeSyncd = Callable[..., Syncd]
 SETTLE = 0.6
-RESCAN = 2.0
+RESCAN = 1.0
 
 
 @dataclass
@@ -89,6 +92,31 @@ def _fail_fast_without_the_class_daemon(request: pytest.FixtureRequest) -> None:
 
 @pytest.mark.timeout(300)
 class TestBadInput:
+    def test_a_socket_is_skipped_silently(self, live: Live) -> None:
+        folder = live.w.root / "sock"
+        folder.mkdir()
+        os.mknod(folder / "daemon.sock", stat.S_IFSOCK | 0o600)
+        (folder / "after.txt").write_bytes(b"written after the socket")
+        live.w.wait_synced("sock/after.txt", daemon=live.daemon)
+        live.after_rescan()
+        assert "sock/daemon.sock" not in live.w.rows()
+        assert "daemon.sock" not in live.by_name()
+        assert not live.mentions("sock/daemon.sock")
+
+    def test_a_symlink_out_of_the_root_is_not_followed(self, live: Live) -> None:
+        outside = live.w.workdir / "outside"
+        outside.mkdir()
+        (outside / "secret.txt").write_bytes(b"outside the watched root")
+        folder = live.w.root / "links"
+        folder.mkdir()
+        os.symlink(outside / "secret.txt", folder / "secret-link.txt")
+        os.symlink(outside, folder / "outside-dir")
+        (folder / "after.txt").write_bytes(b"written after the links")
+        live.w.wait_synced("links/after.txt", daemon=live.daemon)
+        live.after_rescan()
+        assert not [p for p in live.w.rows() if p.startswith("links/") and p != "links/after.txt"]
+        assert md5_of(b"outside the watched root") not in {f["md5"] for f in live.w.remote()}
+
     def test_a_name_that_is_not_utf8_is_synced_under_a_valid_name_and_kept_exactly(self, live: Live) -> None:
         raw = {
             b"latin/caf\xe9.txt": b"a Latin-1 name",
@@ -137,6 +165,62 @@ class TestBadInput:
             assert item["md5"] == md5_of(data)
             [synced] = [r for r in live.mentions(relpath) if r["event"] == "synced"]
             assert synced["remote_id"] == item["id"]  # one JSON line per record, the name intact in it
+
+    def test_a_file_growing_for_a_while_is_uploaded_once_with_its_final_bytes(self, live: Live) -> None:
+        seconds = pick(10, 60)
+        path = live.w.root / "growing" / "scan.pdf"
+        path.parent.mkdir()
+        uploads = live.server.stats.uploads
+        deadline = time.monotonic() + seconds
+        with path.open("wb") as fh:
+            while time.monotonic() < deadline:
+                fh.write(os.urandom(4096))
+                fh.flush()
+                time.sleep(SETTLE / 3)  # a scanner writing page by page, faster than settle_seconds
+        final = path.read_bytes()
+        live.w.wait_synced("growing/scan.pdf", md5={"growing/scan.pdf": md5_of(final)}, daemon=live.daemon)
+        assert live.server.stats.uploads == uploads + 1, "never a partial version"
+        [item] = live.by_name()["scan.pdf"]
+        assert (item["md5"], item["bytes"]) == (md5_of(final), len(final))
+
+    def test_a_config_with_bad_keys_is_refused_in_one_line_and_a_reload_keeps_the_running_one(
+        self, live: Live
+    ) -> None:
+        good = live.w.config_path.read_text(encoding="utf-8")
+        try:
+            live.w.config_path.write_text(
+                good.replace("[remote]\n", "[remote]\nretires = 3\n"), encoding="utf-8"
+            )
+            check = live.w.cli("check-config")
+            assert check.returncode == 2
+            assert check.stderr.strip().splitlines() == [
+                f"syncd: {live.w.config_path}: remote.retires: unknown key (check its spelling against"
+                " config.example.toml)"
+            ]
+            live.daemon.proc.send_signal(signal.SIGHUP)
+            [failed] = wait_for(
+                lambda: live.daemon.logged("config reload failed; keeping the running config"),
+                what="the reload to be refused",
+                diagnose=live.daemon.tail,
+            )
+            assert "remote.retires: unknown key" in failed["error"]
+        finally:
+            live.w.config_path.write_text(good, encoding="utf-8")
+        (live.w.root / "after-reload.txt").write_bytes(b"synced with the running config")
+        live.w.wait_synced("after-reload.txt", daemon=live.daemon)
+
+    def test_thousands_of_files_dropped_at_once_are_all_synced_once(self, live: Live) -> None:
+        count = pick(2000, 10000)
+        uploads = live.server.stats.uploads
+        folder = live.w.root / "drop"
+        folder.mkdir()
+        for i in range(count):
+            (folder / f"page-{i:05d}.txt").write_bytes(content(f"dropped {i}", 256))
+        relpaths = [f"drop/page-{i:05d}.txt" for i in range(count)]
+        live.w.wait_synced(*relpaths, timeout=pick(120, 600), daemon=live.daemon)
+        assert live.server.stats.uploads == uploads + count
+        names = [f["filename"] for f in live.w.remote() if f["filename"].startswith("page-")]
+        assert len(names) == len(set(names)) == count
 
 
 @pytest.mark.timeout(120)
