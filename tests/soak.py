@@ -68,6 +68,8 @@ class Figures:
     """The same work without faults, for the time ratio."""
     windows: dict[str, int] = field(default_factory=dict)
     """Kills per window, decided from what the manifest, the daemon's open files and the server showed."""
+    test: str = field(default_factory=lambda: os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0])
+    """The pytest node id that measured it (its outcome is the table's result)."""
 
     def record(self) -> None:
         path = os.environ.get(REPORT_ENV)

@@ -343,6 +343,7 @@ def test_kill_9_during_a_reconciles_deletes_and_the_rerun_deletes_nothing_twice(
         (w.root / f.relpath).unlink()
     before = {i["id"] for i in w.remote()}
     figures = Figures("crash: kill -9 mid-reconcile", files=len(files))
+    started = time.monotonic()
     seat.stop()
     try:
         server = seat.start(latency_ms=300)
@@ -370,6 +371,7 @@ def test_kill_9_during_a_reconciles_deletes_and_the_rerun_deletes_nothing_twice(
 
         wait_for(finished, timeout=60, what="the rerun to finish the prunes", diagnose=daemon.tail)
         assert daemon.stop() == 0, daemon.tail()
+        figures.seconds = time.monotonic() - started
         listing = w.remote()
         found = audit(w, kept, listing=listing, others=[other["id"]])
         figures.duplicates, figures.lost, figures.wrong_bytes = (
