@@ -79,7 +79,7 @@ def rows(figures: Sequence[dict[str, Any]], results: dict[str, tuple[bool, float
                 fig["scenario"] + (f" ({windows})" if windows else ""),
                 str(fig["runs"]),
                 str(fig["kills"]),
-                f"{fig['files']:,}",
+                f"{fig['files']:,}" + (f" ({fig['bytes'] / 2**20:,.0f} MiB)" if fig.get("bytes") else ""),
                 str(fig["duplicates"]),
                 str(fig["lost"]),
                 str(fig["wrong_bytes"]),

@@ -56,6 +56,7 @@ class Figures:
     """Daemon processes started."""
     kills: int = 0
     files: int = 0
+    bytes: int = 0
     duplicates: int = 0
     """Remote files beyond one per expected (md5, purpose), strays included."""
     lost: int = 0

@@ -90,8 +90,14 @@ def open_files(pid: int, root: Path) -> set[str]:
 
 
 def write_locked(state_dir: Path) -> bool:
-    """Whether another connection holds the manifest's write lock (an open write transaction)."""
-    uri = (state_dir / MANIFEST_NAME).absolute().as_uri()
+    """Whether another connection holds the manifest's write lock (an open write transaction).
+
+    Only once the manifest is in WAL mode (its -wal file exists), where this probe takes nothing but the
+    write lock: never create the file, nor stand in the way of the daemon switching it to WAL."""
+    path = state_dir / MANIFEST_NAME
+    if not path.with_name(path.name + "-wal").exists():
+        return False
+    uri = path.absolute().as_uri() + "?mode=rw"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
     except sqlite3.OperationalError:

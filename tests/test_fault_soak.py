@@ -70,7 +70,7 @@ def test_every_file_ends_synced_once_and_byte_exact_under_injected_faults(
     w = syncd_factory(server)
     write_config(w, remote={"timeout": 30.0})
     files = tree(w.root, count, rng)
-    figures = Figures(f"fault soak: {rate:.0%} faults", files=count)
+    figures = Figures(f"fault soak: {rate:.0%} faults", files=count, bytes=sum(f.size for f in files))
     clean_seat = Seat(tmp_path / "clean", seat.api_key, free_port())
     try:
         figures.seconds = sync_all(w, files, figures, timeout=pick(300, 1800))
