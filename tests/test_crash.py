@@ -231,6 +231,7 @@ def test_kill_9_in_every_window_loses_duplicates_and_corrupts_nothing(
         w.wait_synced(*(f.relpath for f in local), timeout=pick(300, 1800), daemon=daemon)
         status = [w.cli("status").stdout, w.cli("status", "--json").stdout]
         assert daemon.stop() == 0, daemon.tail()
+        figures.bytes = sum(f.size for f in local)
         figures.seconds = time.monotonic() - started
         found = audit(w, local)
         figures.duplicates, figures.lost, figures.wrong_bytes = (
