@@ -38,7 +38,16 @@ from syncd.roots import Root, RootTable, build_roots, file_filter
 from syncd.scan import stat_path
 from syncd.service import Notifier
 from syncd.settle import Aggregator, Gone, Ready, Rescan, Settled, StatFailed, settle_stage
-from syncd.state import EMBEDDED_KEY_NAME, LiveState, StateLock, live_path, remove_live, write_live
+from syncd.state import (
+    EMBEDDED_KEY_NAME,
+    LiveState,
+    StateError,
+    StateLock,
+    live_path,
+    remove_live,
+    write_live,
+)
+from syncd.supervise import Gate, held
 
 log = structlog.get_logger("syncd.daemon")
 
@@ -49,6 +58,7 @@ UPLOAD_QUEUE_PER_SLOT = 4  # jobs waiting per request in flight: enough to keep 
 DRAIN_SECONDS = 30.0  # SIGTERM waits this long for in-flight uploads before exiting anyway
 SWEEP_SECONDS = 10.0  # how often rows due for a retry, and missing rows past grace, are looked at
 STATUS_SECONDS = 10.0  # sd_notify STATUS= and the live-state file
+PROBE_SECONDS = 5.0  # while paused, how often a write to the state dir is tried again
 MIN_QUIET_SECONDS = 0.05  # settle_seconds = 0 still debounces a burst of events for one file
 
 
@@ -85,6 +95,8 @@ class _Pipes:
     cache: upload.RemoteCache
     unreadable: logs.UnreadableLog
     depth: AdaptiveDepth | FixedDepth
+    gate: Gate | None
+    """The daemon pauses at it while the state dir cannot be written; one pass has none and ends."""
 
 
 async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | None = None) -> None:
@@ -102,6 +114,7 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
         cache=upload.RemoteCache(run.client),
         unreadable=logs.UnreadableLog(),
         depth=for_setting(config.remote.concurrency, maximum=config.remote.max_concurrency),
+        gate=Gate() if daemon else None,
     )
     hints, rescans, hash_q, jobs, commit, cache = q.hints, q.rescans, q.hash_q, q.jobs, q.commit, q.cache
     hasher = hashing.Hasher()
@@ -145,6 +158,7 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
                 counters=counters,
                 concurrency=lambda: q.depth.limit,
                 observe=q.depth.observe,
+                gate=q.gate,
             )
         ),
         asyncio.create_task(
@@ -157,6 +171,7 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
                 resettle=lambda cand: resettle(cand.root, cand.relpath),
                 unreadable=q.unreadable,
                 counters=counters,
+                gate=q.gate,
             )
         ),
         asyncio.create_task(
@@ -171,6 +186,7 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
                 counters=counters,
                 clock=clock,
                 state_dir=config.state_dir,
+                gate=q.gate,
             )
         ),
     ]
@@ -252,6 +268,8 @@ async def _watch_and_wait(
 
     config, manifest, roots, counters, clock = run.config, run.manifest, run.roots, run.counters, run.clock
     hints, rescans, hash_q, commit = q.hints, q.rescans, q.hash_q, q.commit
+    gate = q.gate
+    assert gate is not None  # the daemon always has one
     settled: asyncio.Queue[Settled] = asyncio.Queue(SETTLED_QUEUE)
     live = LiveState(pid=os.getpid(), state_dir=str(config.state_dir.absolute()))
     live_file = live_path(config.state_dir)
@@ -259,6 +277,7 @@ async def _watch_and_wait(
     async def router() -> None:
         """Settled paths: ready files to hashing, gone ones marked missing, rescans to the rescan stage."""
         while True:
+            await gate.passing()
             item = await settled.get()
             root = roots.roots[item.root_index]
             root_id = roots.id_of(root)
@@ -268,8 +287,11 @@ async def _watch_and_wait(
             elif isinstance(item, Gone):
                 key = FileKey(root_id, item.relpath) if root_id is not None else None
                 if key is not None and manifest.get(key) is not None:
-                    manifest.mark_missing(key, clock())
-                    commit.maybe()
+                    try:
+                        manifest.mark_missing(key, clock())
+                        commit.maybe()
+                    except StateError as exc:
+                        await held(gate, exc)  # the next full rescan marks it again
             elif isinstance(item, Rescan):
                 await rescans.put(RescanRequest(item.root_index, item.relpath))
             elif isinstance(item, StatFailed):
@@ -284,22 +306,52 @@ async def _watch_and_wait(
     async def sweeper() -> None:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
-            await sweep()
-            for root in await rescan.sweep_missing(roots, manifest=manifest, counters=counters, clock=clock):
+            await gate.passing()
+            try:
+                await sweep()
+                back = await rescan.sweep_missing(roots, manifest=manifest, counters=counters, clock=clock)
+                commit.maybe()
+            except StateError as exc:
+                await held(gate, exc)
+                continue
+            for root in back:
                 await rescans.put(RescanRequest(root.index))  # a held root is back: walk it now
-            commit.maybe()
 
     async def committer() -> None:
         """Writes never wait longer than the commit policy's period to become durable and visible."""
         while True:
             await asyncio.sleep(commit.seconds)
-            commit.maybe()
+            await gate.passing()
+            try:
+                commit.maybe()
+            except StateError as exc:
+                await held(gate, exc)
+
+    async def resumer() -> None:
+        """While paused, try one small write every PROBE_SECONDS; once it lands, resume and rescan every
+        root (what could not be recorded meanwhile is found again; uploads resolve by md5)."""
+        while True:
+            await gate.closing()
+            notifier.status(f"paused: {gate.reason}")
+            while True:
+                await asyncio.sleep(PROBE_SECONDS)
+                try:
+                    manifest.probe()
+                    break
+                except StateError:
+                    continue
+            gate.reopen()
+            for root in roots.roots:
+                await rescans.put(RescanRequest(root.index))
 
     async def reporter() -> None:
         """STATUS= for systemd and the live-state file for `status`; the counts query runs off the loop."""
+        live_error: str | None = None
         while True:
             counts = await asyncio.to_thread(_counts, config)
-            notifier.status(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "idle")
+            summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "idle"
+            notifier.status(f"paused: {gate.reason}" if gate.reason else summary)
+            live.paused = gate.reason
             live.in_flight = counters.in_flight
             if live.concurrency != q.depth.limit:
                 log.info("in-flight depth", depth=q.depth.limit, setting=config.remote.concurrency)
@@ -309,8 +361,11 @@ async def _watch_and_wait(
             live.queues = {"hash": hash_q.qsize(), "upload": q.jobs.queue.qsize()}
             try:
                 await asyncio.to_thread(write_live, live_file, live)
+                live_error = None
             except OSError as exc:
-                log.warning("cannot write the live-state file", path=str(live_file), error=str(exc))
+                if live_error != str(exc):
+                    log.warning("cannot write the live-state file", path=str(live_file), error=str(exc))
+                live_error = str(exc)
             await asyncio.sleep(STATUS_SECONDS)
 
     def lost_events(root_index: int) -> None:
@@ -350,6 +405,7 @@ async def _watch_and_wait(
         *(asyncio.create_task(timer(r)) for r in roots.roots),
         asyncio.create_task(sweeper()),
         asyncio.create_task(committer()),
+        asyncio.create_task(resumer()),
         asyncio.create_task(reporter()),
         asyncio.create_task(
             reconcile.run(
@@ -362,6 +418,7 @@ async def _watch_and_wait(
                 forget=q.cache.forget,
                 clock=clock,
                 counters=counters,
+                gate=gate,
             )
         ),
     ]
@@ -410,7 +467,7 @@ def _remote(config: Config, *, embedded: bool) -> Iterator[tuple[str, str]]:
         yield server.base_url, server.api_key
 
 
-def run_daemon(config: Config, *, embedded: bool) -> int:
+def run_daemon(config: Config, *, embedded: bool, rebind: bool = False) -> int:
     """`syncd run`: watch, settle, hash, upload, reconcile until SIGTERM; SIGHUP reloads the config."""
     logs.configure_for(config)
     if not config.watch:
@@ -419,6 +476,7 @@ def run_daemon(config: Config, *, embedded: bool) -> int:
         logs.configure_for(config, (key,))
         manifest = Manifest.open(lock)
         try:
+            manifest.bind_remote(base_url, key, rebind=rebind)
             return asyncio.run(_daemon(config, manifest, base_url, key, embedded=embedded))
         finally:
             manifest.close()
@@ -489,6 +547,11 @@ def _reloaded(old: Config, *, embedded: bool) -> Config:
             )
         if not embedded:
             require_api_key(new)
+            if new.remote.base_url != old.remote.base_url:
+                raise ConfigError(
+                    f"{old.source}: remote.base_url: another remote needs a restart (with --rebind);"
+                    f" keeping {old.remote.base_url}"
+                )
         log.info("config reloaded", source=str(old.source), roots=len(new.watch))
         return new
     except ConfigError as exc:

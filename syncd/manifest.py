@@ -27,6 +27,7 @@ their last remote id as history (so the reconciler can say what it prunes and wh
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from array import array
@@ -39,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
-from syncd.state import MANIFEST_NAME, StateLock
+from syncd.state import MANIFEST_NAME, StateError, StateLock, state_error
 
 
 class State(StrEnum):
@@ -87,8 +88,20 @@ class ManifestMissing(FileNotFoundError):
     """No manifest yet (read-only open before the daemon ever ran)."""
 
 
-class SchemaMismatch(RuntimeError):
-    """The manifest was written by another version of syncd."""
+class SchemaMismatch(StateError):
+    """The manifest was written by another version of syncd: a person must upgrade (exit 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
+class RemoteMismatch(RuntimeError):
+    """The manifest belongs to another remote (base URL or key) than the config names."""
+
+
+def key_fingerprint(api_key: str) -> str:
+    """What the manifest remembers of the key: enough to notice another account, useless as a key."""
+    return hashlib.sha256(b"syncd remote binding\0" + api_key.encode()).hexdigest()[:16]
 
 
 class FileKey(NamedTuple):
@@ -314,6 +327,8 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_mig_1_initial,)
 """Migration i+1 takes schema version i to i+1; adding v2 is appending one function."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
+META_REMOTE_URL = "remote.base_url"
+META_REMOTE_KEY = "remote.key_fingerprint"
 
 
 def _schema_version(conn: sqlite3.Connection) -> int:
@@ -402,6 +417,9 @@ class ManifestReader:
         conn = _connect(path.absolute().as_uri() + "?mode=ro", readonly=True)
         try:
             version = _schema_version(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise state_error(state_dir, exc) from None
         except BaseException:
             conn.close()
             raise
@@ -451,6 +469,19 @@ class ManifestReader:
 
     def in_state(self, state: State) -> Iterator[Entry]:
         return self._iter(f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state=?", (state.value,))
+
+    def check_remote(self, base_url: str, api_key: str) -> None:
+        """Raise `RemoteMismatch` when the manifest is bound to another remote than this one."""
+        url = base_url.rstrip("/")
+        bound_url, bound_key = self.meta(META_REMOTE_URL), self.meta(META_REMOTE_KEY)
+        if bound_url is None or (bound_url, bound_key) == (url, key_fingerprint(api_key)):
+            return
+        what = "base URL" if bound_url != url else "API key"
+        raise RemoteMismatch(
+            f"state dir {self.path.parent} belongs to {bound_url} (another {what} than this config's {url});"
+            " nothing was changed. Run with --rebind to forget what syncd owns there and re-match every"
+            " file by md5, or use a new state dir"
+        )
 
     def meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -656,9 +687,18 @@ class Manifest(ManifestReader):
         if not lock.held:
             raise RuntimeError(f"open the manifest only while holding the lock on {lock.state_dir}")
         path = lock.state_dir / MANIFEST_NAME
-        conn = _connect(path.absolute().as_uri() + "?mode=rwc", readonly=False)
+        try:
+            conn = _connect(path.absolute().as_uri() + "?mode=rwc", readonly=False)
+        except sqlite3.Error as exc:
+            raise state_error(lock.state_dir, exc) from None
         try:
             migrate(conn)
+        except SchemaMismatch as exc:
+            conn.close()
+            raise SchemaMismatch(f"state dir {lock.state_dir}: {exc}") from None
+        except sqlite3.Error as exc:
+            conn.close()
+            raise state_error(lock.state_dir, exc) from None
         except BaseException:
             conn.close()
             raise
@@ -673,8 +713,26 @@ class Manifest(ManifestReader):
 
     def commit(self) -> None:
         if self._conn.in_transaction:
-            self._conn.execute("COMMIT")
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._unusable(exc) from None
         self._pending = 0
+
+    def probe(self) -> None:
+        """After a `StateError`: drop the writes that could not be made durable (the rescan and the retry
+        sweep redo them; upload intents were committed before each request) and try one small write."""
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+        self._pending = 0
+        self.set_meta("probe", str(self._clock()))
+        self.commit()
+
+    def _unusable(self, exc: sqlite3.Error) -> Exception:
+        """A failure of the disk or the file (a `StateError`), or of this code (re-raised as it is)."""
+        if type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError):
+            return state_error(self.path.parent, exc)
+        return exc
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -685,14 +743,19 @@ class Manifest(ManifestReader):
             self.commit()
 
     def close(self) -> None:
-        self.commit()
-        super().close()
+        try:
+            self.commit()
+        finally:
+            super().close()
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> int:
-        if not self._conn.in_transaction:
-            self._conn.execute("BEGIN")
-        self._pending += 1
-        return self._conn.execute(sql, params).rowcount
+        try:
+            if not self._conn.in_transaction:
+                self._conn.execute("BEGIN")
+            self._pending += 1
+            return self._conn.execute(sql, params).rowcount
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from None
 
     def _explain(self, key: FileKey, what: str, md5: str | None) -> bool:
         """After a guarded UPDATE matched nothing: False if the row moved on, else raise.
@@ -851,6 +914,35 @@ class Manifest(ManifestReader):
         self._write(
             "UPDATE roots SET device=?, inode=? WHERE root_id=?", (_i64(device), _i64(inode), root_id)
         )
+
+    def bind_remote(self, base_url: str, api_key: str, *, rebind: bool) -> None:
+        """Make sure this manifest syncs with this remote (design §3): ownership means "uploaded *there*".
+
+        The first run records the remote. Another one is refused, nothing changed, unless ``rebind``:
+        then every ownership is forgotten (nothing there is known to be ours) and every synced row is
+        queued again, so it is re-matched by md5 (uploaded only where the new remote lacks it).
+        """
+        url, fingerprint = base_url.rstrip("/"), key_fingerprint(api_key)
+        bound = (self.meta(META_REMOTE_URL), self.meta(META_REMOTE_KEY))
+        if bound == (url, fingerprint):
+            return
+        if not rebind:
+            self.check_remote(base_url, api_key)
+        if bound != (None, None):
+            self._write("DELETE FROM owned_remotes", ())
+            self._write(
+                "UPDATE files SET state='queued', remote_id=NULL, owned=0, remote_created_at=NULL,"
+                " attempts=0, next_attempt_at=NULL, last_error=NULL, updated_at=?"
+                " WHERE state IN ('synced', 'uploading')",
+                (self._clock(),),
+            )
+            self._write(
+                "UPDATE files SET remote_id=NULL, owned=0 WHERE state IN ('deleted', 'expired', 'failed')", ()
+            )
+            self._write("DELETE FROM files WHERE state='deleted'", ())
+        self.set_meta(META_REMOTE_URL, url)
+        self.set_meta(META_REMOTE_KEY, fingerprint)
+        self.commit()
 
     def set_meta(self, key: str, value: str) -> None:
         """Small facts the daemon remembers between runs (not shown by ``status``, unlike notes)."""

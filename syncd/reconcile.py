@@ -53,6 +53,8 @@ from syncd.plan import MarkDeleted, counts_as_missing, on_missing
 from syncd.roots import Root, RootRecord, RootTable, kept_by, observe_root, unavailable_reason
 from syncd.rules import CompiledRules
 from syncd.scan import walk
+from syncd.state import StateError
+from syncd.supervise import Gate, held
 
 __all__ = [
     "FRACTION_MIN_DELETES",
@@ -668,6 +670,7 @@ async def run(
     forget: Callable[[], None],
     clock: Callable[[], float],
     counters: Counters,
+    gate: Gate,
 ) -> None:
     """Every ``interval_seconds`` once ``ready`` (every root scanned once): fresh root guards, then one
     run; returns when ``stop`` is set. ``forget`` drops the upload stage's listing, which a prune makes
@@ -693,6 +696,9 @@ async def run(
             for action in report.applied:
                 if isinstance(action, Prune) and action.listed:
                     counters.pruned[action.why.name.lower()] += 1
+        except StateError as exc:
+            await held(gate, exc)
+            continue
         except Exception:
             counters.crashed += 1
             log.exception("reconcile failed unexpectedly; trying again next interval")

@@ -21,7 +21,7 @@ from syncd.api import ApiError, AuthError, FileResponse, FilesClient, SourceChan
 from syncd.counters import Counters
 from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, State
 from syncd.plan import ErrorKind, Failed, Reuse, UploadJob, on_upload_error, resolve, retry_delay
-from syncd.supervise import supervised
+from syncd.supervise import Gate, supervised
 
 log = structlog.get_logger("syncd.upload")
 
@@ -325,6 +325,7 @@ async def run(
     counters: Counters,
     concurrency: Callable[[], int],
     observe: Callable[[float, float, Literal["ok", "overload"]], None],
+    gate: Gate | None,
 ) -> None:
     """Jobs in until ``None``, up to ``concurrency()`` at once; each row ends synced, failed or scheduled.
 
@@ -404,4 +405,6 @@ async def run(
                 keep_intent=True,
             )
 
-    await supervised(jobs.queue, one, workers=concurrency, counters=counters, what="upload", on_crash=crashed)
+    await supervised(
+        jobs.queue, one, workers=concurrency, counters=counters, what="upload", on_crash=crashed, gate=gate
+    )

@@ -29,6 +29,7 @@ from syncd.roots import RootTable, build_roots
 from syncd.scan import FileStat, stat_path
 from syncd.server import RunningServer
 from syncd.state import StateLock
+from syncd.supervise import Gate
 
 pytestmark = pytest.mark.anyio
 
@@ -119,6 +120,7 @@ class UploadStage:
                 counters=self.counters,
                 concurrency=lambda: 4,
                 observe=lambda now, latency, outcome: None,
+                gate=None,
             )
         )
 
@@ -225,6 +227,7 @@ async def test_the_hash_stage_resettles_a_file_that_changed_since_it_was_seen(
             resettle=resettled.append,
             unreadable=UnreadableLog(),
             counters=Counters(),
+            gate=None,
         )
     )
     cand = Candidate(root, root_id, "growing.tif", seen)
@@ -250,6 +253,7 @@ async def test_the_hash_stage_resettles_a_file_that_changed_since_it_was_seen(
             resettle=resettled.append,
             unreadable=UnreadableLog(),
             counters=Counters(),
+            gate=None,
         )
     )
     await hash_q2.put(Candidate(root, root_id, "growing.tif", final))
@@ -298,6 +302,7 @@ async def test_the_reconcile_stage_holds_a_missing_root(
                 forget=lambda: None,
                 clock=lambda: NOW,
                 counters=counters,
+                gate=Gate(),
             ),
             timeout=30,
         )
