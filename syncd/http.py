@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import hdrs, web
@@ -34,6 +34,7 @@ from syncd.manifest import ManifestMissing, ManifestReader, SchemaMismatch
 from syncd.reconcile import NOTE_HELD, held_guards
 
 log = structlog.get_logger("syncd.http")
+T = TypeVar("T")
 
 CACHE_SOURCES = ("local", "listing", "lookup")
 """Exposed from the start (at 0), so rate() has a series before the first hit."""
@@ -73,34 +74,37 @@ class Figures:
     held_prunes: int
 
 
-def counted(counters: Counters, queues: Mapping[str, int]) -> dict[str, Any]:
-    """The Counters' part of `Figures`, copied in one go on the loop (the stages mutate them there)."""
+def figures(
+    counters: Counters, queues: Mapping[str, int], files: Mapping[str, int], held_prunes: int
+) -> Figures:
+    """Copy the Counters in one go, on the event loop (the stages mutate them there, between awaits)."""
     seconds = counters.upload_seconds
-    return {
-        "uploaded": counters.uploaded,
-        "bytes_uploaded": counters.bytes_uploaded,
-        "hits": {**dict.fromkeys(CACHE_SOURCES, 0), **counters.hits},
-        "failures": dict(counters.failures),
-        "pruned": dict(counters.pruned),
-        "upload_bounds": seconds.bounds,
-        "upload_counts": tuple(seconds.counts),
-        "upload_sum": seconds.total,
-        "in_flight": counters.in_flight,
-        "last_reconcile_at": counters.last_reconcile_at,
-        "queues": dict(queues),
-    }
+    return Figures(
+        uploaded=counters.uploaded,
+        bytes_uploaded=counters.bytes_uploaded,
+        hits={**dict.fromkeys(CACHE_SOURCES, 0), **counters.hits},
+        failures=dict(counters.failures),
+        pruned=dict(counters.pruned),
+        upload_bounds=seconds.bounds,
+        upload_counts=tuple(seconds.counts),
+        upload_sum=seconds.total,
+        in_flight=counters.in_flight,
+        last_reconcile_at=counters.last_reconcile_at,
+        queues=dict(queues),
+        files=files,
+        held_prunes=held_prunes,
+    )
 
 
-def manifest_figures(state_dir: Path) -> dict[str, Any]:
-    """Rows per state and held guards; blocking (run it in a thread). Before the manifest exists: none."""
+def manifest_figures(state_dir: Path) -> tuple[dict[str, int], int]:
+    """Rows per state and the number of held guards; blocking (run it in a thread)."""
     try:
         reader = ManifestReader.open_readonly(state_dir)
     except (ManifestMissing, SchemaMismatch):
-        return {"files": {}, "held_prunes": 0}
+        return {}, 0
     with reader:
         files = {state.value: n for state, n in reader.counts_by_state().items()}
-        held = len(held_guards(reader.notes().get(NOTE_HELD)))
-    return {"files": files, "held_prunes": held}
+        return files, len(held_guards(reader.notes().get(NOTE_HELD)))
 
 
 class _Collector:
@@ -213,7 +217,7 @@ def make_app(
     one_query = asyncio.Semaphore(1)
     state_dir = config.state_dir
 
-    async def off_loop(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    async def off_loop(fn: Callable[[], T]) -> T:
         async with one_query:
             try:
                 return await asyncio.to_thread(fn)
@@ -222,9 +226,9 @@ def make_app(
                 raise web.HTTPServiceUnavailable(text=f"cannot read the manifest: {exc}\n") from None
 
     async def metrics(_: web.Request) -> web.Response:
-        numbers = counted(counters, queues())
-        figures = Figures(**numbers, **await off_loop(lambda: manifest_figures(state_dir)))
-        return web.Response(body=render_metrics(figures), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+        files, held = await off_loop(lambda: manifest_figures(state_dir))
+        body = render_metrics(figures(counters, queues(), files, held))
+        return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
 
     async def api_status(_: web.Request) -> web.Response:
         report = await off_loop(status)
@@ -280,20 +284,33 @@ def _bind_unix(path: Path) -> list[socket.socket]:
 
 
 def _bind_tcp(host: str, port: int) -> list[socket.socket]:
-    """One socket per address the host resolves to (localhost: 127.0.0.1 and ::1), as asyncio would."""
+    """One socket per address the host resolves to (localhost: 127.0.0.1 and ::1). An address this
+    machine lacks (::1 with IPv6 off) is skipped while another one binds."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = dict.fromkeys((family, addr[:2]) for family, _, _, _, addr in found)
     bound: list[socket.socket] = []
+    missing: OSError | None = None
     try:
-        for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-            sock = socket.socket(family, kind, proto)
-            bound.append(sock)
+        for family, addr in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # rebind at once after a reload
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                sock.close()
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                missing = exc
+                continue
+            bound.append(sock)
     except BaseException:
         for sock in bound:
             sock.close()
         raise
+    if not bound and missing is not None:
+        raise missing
     return bound
 
 
