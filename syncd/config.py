@@ -6,6 +6,7 @@ file's own directory, so a config can be moved together with the folders it name
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -202,12 +203,60 @@ class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+_LISTEN_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})$")
+LISTEN_EXAMPLES = "127.0.0.1:9464, [::1]:9464, localhost:9464 or /run/syncd/http.sock"
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost or a loopback literal (127.0.0.0/8, ::1): names no DNS answer can point elsewhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_listen(value: str) -> tuple[str, int] | Path:
+    """(host, port) for a loopback TCP address, or the path of a unix socket; ValueError otherwise."""
+    if value.startswith("/"):
+        return Path(value)
+    match = _LISTEN_RE.match(value)
+    if match is None or not is_loopback_host(match.group(1)):
+        raise ValueError(
+            "must be a loopback host:port or an absolute unix socket path (the listener has no login),"
+            f" like {LISTEN_EXAMPLES}; got {value!r}"
+        )
+    port = int(match.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535, got {port}")
+    return match.group(1).removeprefix("[").removesuffix("]"), port
+
+
+class HttpConfig(_Section):
+    # Off by default: /metrics and the status page are opt-in. Loopback or a unix socket only, because
+    # they need no login (reach them from elsewhere through an SSH tunnel).
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _local_only(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | Path | None:
+        return None if self.listen is None else parse_listen(self.listen)
+
+
 class Config(_Section):
     remote: RemoteConfig = RemoteConfig()
     state: StateConfig = StateConfig()
     watch: tuple[WatchConfig, ...] = ()
     reconcile: ReconcileConfig = ReconcileConfig()
     log: LogConfig = LogConfig()
+    http: HttpConfig = HttpConfig()
     # Not a TOML key: resolved from env, api_key_file or the systemd credential at load time.
     api_key: SecretStr | None = Field(default=None, exclude=True)
     # Where the key came from, for check-config: "env VLMRUN_API_KEY", "api_key_file PATH",

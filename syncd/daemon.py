@@ -259,7 +259,8 @@ async def _watch_and_wait(
     sweep: Callable[[], Awaitable[None]],
     stages: list[asyncio.Task[None]],
 ) -> None:
-    """The daemon's sources (watcher, settle, timers, sweep, reconcile), until ``halt``; then stop them.
+    """The daemon's sources (watcher, settle, timers, sweep, reconcile, the http listener), until ``halt``;
+    then stop them.
 
     A stage or source that ends by a bug stops the daemon cleanly (systemd restarts it) rather than
     letting it limp on without that stage.
@@ -358,7 +359,7 @@ async def _watch_and_wait(
             live.concurrency = q.depth.limit
             live.crashed = counters.crashed
             live.last_reconcile_at = counters.last_reconcile_at
-            live.queues = {"hash": hash_q.qsize(), "upload": q.jobs.queue.qsize()}
+            live.queues = depths()
             try:
                 await asyncio.to_thread(write_live, live_file, live)
                 live_error = None
@@ -367,6 +368,9 @@ async def _watch_and_wait(
                     log.warning("cannot write the live-state file", path=str(live_file), error=str(exc))
                 live_error = str(exc)
             await asyncio.sleep(STATUS_SECONDS)
+
+    def depths() -> dict[str, int]:
+        return {"hash": hash_q.qsize(), "upload": q.jobs.queue.qsize()}
 
     def lost_events(root_index: int) -> None:
         log.warning("watcher lost events; rescanning", root=str(roots.roots[root_index].path))
@@ -385,6 +389,11 @@ async def _watch_and_wait(
         hints=hints,
         request_rescan=lost_events,
     )
+    listening = None
+    if config.http.listen is not None:
+        from syncd import http
+
+        listening = http.bind(config)  # before READY: an address in use fails the start, in one line
     try:
         await asyncio.to_thread(watcher.start)
     except InotifyLimitError as exc:
@@ -422,6 +431,20 @@ async def _watch_and_wait(
             )
         ),
     ]
+    if listening is not None:
+        from syncd import http, status
+
+        sources.append(
+            asyncio.create_task(
+                http.serve(
+                    listening,
+                    config=config,
+                    counters=counters,
+                    queues=depths,
+                    status=lambda: status.collect(config),
+                )
+            )
+        )
     notifier.ready(f"watching {len(roots.roots)} folder(s)")
     log.info("watching", roots=[str(r.path) for r in roots.roots])
     try:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -69,6 +70,7 @@ __all__ = [
     "RemoteFile",
     "Requeue",
     "Why",
+    "held_guards",
     "observe_local",
     "plan_reconcile",
     "reconcile",
@@ -80,7 +82,15 @@ FRACTION_MIN_DELETES = 10
 CLOCK_SKEW_SECONDS = 300.0
 """An owned file absent from the listing but created this recently may postdate the listing: not forgotten."""
 NOTE_HELD = "reconcile:held"
+"""The guards that held the last plan back, joined by "; " (one guard's text has "; " of its own)."""
 NOTE_ERROR = "reconcile:error"
+_NEXT_GUARD = re.compile(r"; (?=(?:root-unavailable|max-delete|max-delete-fraction): )")
+
+
+def held_guards(note: str | None) -> list[str]:
+    """The guard lines of a NOTE_HELD note, for `status` and `/metrics` (syncd_held_prunes)."""
+    return _NEXT_GUARD.split(note) if note else []
+
 
 log = structlog.get_logger("syncd.reconcile")
 
