@@ -2,8 +2,9 @@
 
 Layers, each peeling off one concern: bearer auth (an ``httpx.Auth``, so the presigned PUT can go without
 it) → retries (:mod:`syncd.api.retry`) → mapping of statuses and httpx exceptions to
-:mod:`syncd.api.errors` → the httpx transport (injectable). No httpx type crosses the package boundary
-except the optional ``transport`` argument, which is how tests and benchmarks plug in.
+:mod:`syncd.api.errors` → the transport (:mod:`syncd.api.transport`: aiohttp's by default, httpx's, or one
+passed in). No httpx type crosses the package boundary except the optional ``transport`` argument, which is
+how tests and benchmarks plug in.
 
 Uploads stream from disk in :data:`CHUNK_SIZE` pieces read in a worker thread (a blocking read of a file on
 a network share must not stall the event loop that also owns the manifest writer), re-open the file for
@@ -33,6 +34,7 @@ import pydantic
 from syncd.api.errors import ApiError, NetworkError, NotFoundError, SourceChangedError, error_for_status
 from syncd.api.models import FileResponse, PresignedUrlResponse
 from syncd.api.retry import RetryPolicy, call_with_retries, parse_retry_after
+from syncd.api.transport import TransportKind, make_transport
 
 T = TypeVar("T")
 
@@ -150,8 +152,10 @@ class FilesClient:
 
     ``concurrency`` bounds the requests in flight (and the connection pool); a caller awaiting more waits
     for a slot *before* its deadline starts, so queueing behind big uploads is never mistaken for a timeout.
-    ``retries`` counts retries after the first attempt. ``sleep`` and ``uniform`` (a draw from [0, 1) for
-    the jitter) are injected so tests observe waits without spending wall time.
+    ``retries`` counts retries after the first attempt. ``transport`` names the transport to build
+    ("aiohttp", "httpx": httpx's own, which also honours proxies from the environment) or is one to use
+    as it is (its pool should hold ``concurrency`` connections). ``sleep`` and ``uniform`` (a draw from
+    [0, 1) for the jitter) are injected so tests observe waits without spending wall time.
     """
 
     def __init__(
@@ -163,7 +167,7 @@ class FilesClient:
         retries: int = 5,
         concurrency: int = 8,
         presigned_threshold: int = 32 * 2**20,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: TransportKind | httpx.AsyncBaseTransport = "aiohttp",
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         uniform: Callable[[], float] = random.random,
         user_agent: str | None = None,
@@ -187,13 +191,20 @@ class FilesClient:
         # Whether this server has shown our md5 extension; only then is `purpose` sent on hash lookups
         # (design §5: use an extension only after seeing it).
         self.extensions = False
+        chosen: httpx.AsyncBaseTransport | None
+        if transport == "httpx":
+            chosen = None  # httpx builds its own, with the limits below and the environment's proxies
+        elif isinstance(transport, str):
+            chosen = make_transport(transport, concurrency=concurrency)
+        else:
+            chosen = transport
         self._http = httpx.AsyncClient(
             base_url=self._base_url,
             auth=_BearerAuth(api_key),
             headers={"User-Agent": user_agent or _default_user_agent(), "Accept": "application/json"},
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-            transport=transport,
+            transport=chosen,
             follow_redirects=False,
         )
 
