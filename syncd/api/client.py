@@ -39,9 +39,12 @@ from syncd.api.transport import TransportKind, make_transport
 T = TypeVar("T")
 
 CHUNK_SIZE = 1 << 20
+"""Bytes per read: big enough that the thread hop per chunk is noise, small enough to keep memory flat.
+
+Measured on a 1 GiB presigned PUT over loopback, both transports: 256 KiB and 4 MiB reads cost more client
+CPU than 1 MiB (more hops; bigger unsent remainders copied into the socket transport's buffer)."""
 SMALL_FILE = 1 << 20  # read whole and sent in one piece; larger files stream in CHUNK_SIZE pieces
 INLINE_FILE = 256 << 10  # read on the event loop itself: cheaper than a hop to a worker thread
-"""Bytes per read: big enough that the thread hop per chunk is noise, small enough to keep memory flat."""
 
 FLOOR_THROUGHPUT = 1 << 20
 """Bytes/s an upload is allowed to be slow before its attempt times out (a guess: a poor uplink).
