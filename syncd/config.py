@@ -40,6 +40,8 @@ Purpose = Literal[
 ]
 """The Files API's purposes (design §5): a config naming another is refused at load, not at upload."""
 PURPOSES: tuple[str, ...] = get_args(Purpose)
+TransportKind = Literal["aiohttp", "httpx"]
+"""The client's transports (syncd.api.transport): aiohttp's, the default, or httpx's own."""
 
 ENV_CONFIG = "SYNCD_CONFIG"
 ENV_BASE_URL = "VLMRUN_BASE_URL"
@@ -122,6 +124,9 @@ class RemoteConfig(_Section):
     concurrency: Annotated[Literal["auto"] | int, PlainValidator(_depth_setting)] = "auto"
     max_concurrency: int = Field(default=MAX_CONCURRENCY, ge=1, le=256)
     presigned_threshold: Size = PRESIGNED_THRESHOLD
+    # aiohttp: measured 2.3x less client CPU per small upload than httpx's own (bench.transport); httpx
+    # honours HTTP(S)_PROXY from the environment, aiohttp does not.
+    transport: TransportKind = "aiohttp"
 
     @field_validator("base_url")
     @classmethod

@@ -22,4 +22,5 @@ def make_client(config: Config, base_url: str, key: str) -> FilesClient:
         retries=r.retries,
         concurrency=pool_size(config),
         presigned_threshold=r.presigned_threshold,
+        transport=r.transport,
     )

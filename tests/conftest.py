@@ -27,6 +27,7 @@ import httpx
 import pytest
 from hypothesis import settings
 
+from syncd.api import TRANSPORTS, TransportKind
 from syncd.manifest import Entry, ManifestMissing, ManifestReader, State
 from syncd.server import RunningServer, ServerSettings, running_server
 from syncd.server.store import Clock
@@ -91,6 +92,13 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
 def server(server_factory: ServerFactory) -> RunningServer:
     """A reference server with default settings."""
     return server_factory()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport_kind(request: pytest.FixtureRequest) -> TransportKind:
+    """The client's transport: a test taking this runs once per transport, as both must keep every promise."""
+    kind: TransportKind = request.param
+    return kind
 
 
 # --- end-to-end: syncd as a real process (tests/test_e2e_*.py) ---------------------------------------

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import FakeClock, ServerFactory, free_port
+from conftest import FakeClock, ServerFactory, free_port, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
 from syncd.server import RunningServer
+from syncd.server.store import INLINE, PIECE
 from syncd.server.wire import safe_filename
 
 BOUNDARY = "syncd-test-boundary"
@@ -233,6 +234,60 @@ def test_rejected_types_are_415(server_factory: ServerFactory) -> None:
     ok = client.post("/files/presigned-url", json={"filename": "clip.bin"}).json()
     assert httpx.put(ok["url"], content=b"v", headers={"Content-Type": "video/webm"}).status_code == 415
     assert len(client.get("/files").json()) == 1
+
+
+# --- bodies bigger than a piece: hashed and written in a worker thread, piece by piece
+
+
+def _presigned_url(client: httpx.Client, filename: str) -> str:
+    url: str = client.post("/files/presigned-url", json={"filename": filename}).json()["url"]
+    return url
+
+
+@pytest.mark.parametrize("size", [2 * PIECE + 1, 3 * PIECE + INLINE + 5], ids=["small-tail", "big-tail"])
+def test_bodies_of_several_pieces_are_stored_exactly(server: RunningServer, size: int) -> None:
+    client = _client(server, timeout=60)
+    data = os.urandom(size)
+    direct = _upload(client, "direct.bin", data)
+    put = httpx.put(_presigned_url(client, "put.bin"), content=data, timeout=60)
+    assert put.status_code == 200
+    for item in (direct, put.json()):
+        assert item["bytes"] == size
+        assert item["md5"] == hashlib.md5(data).hexdigest()
+        assert client.get(f"/files/{item['id']}/content").content == data
+    assert list((server.data_dir / "tmp").iterdir()) == []
+
+
+def test_too_large_after_pieces_were_stored_leaves_nothing(server_factory: ServerFactory) -> None:
+    server = server_factory(max_bytes=2 * PIECE + 10)
+    client = _client(server, timeout=60)
+    data = os.urandom(3 * PIECE)
+    assert _post_raw(client, _multipart(b"big.bin", data)).status_code == 413
+    assert httpx.put(_presigned_url(client, "big.bin"), content=data, timeout=60).status_code == 413
+    assert client.get("/files").json() == []
+    assert list((server.data_dir / "tmp").iterdir()) == []
+
+
+def test_a_put_cut_off_after_some_pieces_leaves_nothing_and_can_be_sent_again(server: RunningServer) -> None:
+    client = _client(server, timeout=60)
+    url = _presigned_url(client, "scan.pdf")
+    data = os.urandom(3 * PIECE)
+
+    def gives_up() -> Iterator[bytes]:
+        yield data[: 2 * PIECE + 1]
+        raise ConnectionAbortedError("the client went away")
+
+    with pytest.raises(ConnectionAbortedError):
+        httpx.put(url, content=gives_up(), headers={"Content-Length": str(len(data))}, timeout=60)
+
+    def sent_again() -> httpx.Response | None:
+        response = httpx.put(url, content=data, timeout=60)
+        return None if response.status_code == 409 else response  # 409 until the server saw the cut
+
+    again = wait_for(sent_again, what="the URL to take a new PUT")
+    assert again.status_code == 200
+    assert again.json()["md5"] == hashlib.md5(data).hexdigest()
+    assert list((server.data_dir / "tmp").iterdir()) == []  # the partial blob went before the URL was free
 
 
 # --- shapes

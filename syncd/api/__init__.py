@@ -22,9 +22,11 @@ from syncd.api.models import (
     Purpose,
 )
 from syncd.api.retry import RetryPolicy
+from syncd.api.transport import TRANSPORTS, TransportKind, make_transport
 
 __all__ = [
     "PURPOSES",
+    "TRANSPORTS",
     "ApiError",
     "AuthError",
     "ErrorDetail",
@@ -40,6 +42,8 @@ __all__ = [
     "ServerError",
     "SourceChangedError",
     "TooLargeError",
+    "TransportKind",
     "UnsupportedTypeError",
     "ValidationError",
+    "make_transport",
 ]

@@ -2,8 +2,9 @@
 
 Layers, each peeling off one concern: bearer auth (an ``httpx.Auth``, so the presigned PUT can go without
 it) → retries (:mod:`syncd.api.retry`) → mapping of statuses and httpx exceptions to
-:mod:`syncd.api.errors` → the httpx transport (injectable). No httpx type crosses the package boundary
-except the optional ``transport`` argument, which is how tests and benchmarks plug in.
+:mod:`syncd.api.errors` → the transport (:mod:`syncd.api.transport`: aiohttp's by default, httpx's, or one
+passed in). No httpx type crosses the package boundary except the optional ``transport`` argument, which is
+how tests and benchmarks plug in.
 
 Uploads stream from disk in :data:`CHUNK_SIZE` pieces read in a worker thread (a blocking read of a file on
 a network share must not stall the event loop that also owns the manifest writer), re-open the file for
@@ -15,6 +16,7 @@ client notice a file that changes under it (:class:`SourceChangedError`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.metadata
 import mimetypes
 import os
@@ -34,14 +36,18 @@ import pydantic
 from syncd.api.errors import ApiError, NetworkError, NotFoundError, SourceChangedError, error_for_status
 from syncd.api.models import FileResponse, PresignedUrlResponse
 from syncd.api.retry import MAX_RETRY_AFTER_SECONDS, RetryPolicy, call_with_retries, parse_retry_after
+from syncd.api.transport import TransportKind, make_transport
 from syncd.config import CONCURRENCY, PRESIGNED_THRESHOLD, RETRIES, TIMEOUT_SECONDS
 
 T = TypeVar("T")
 
 CHUNK_SIZE = 1 << 20
+"""Bytes per read: big enough that the thread hop per chunk is noise, small enough to keep memory flat.
+
+Measured on a 1 GiB presigned PUT over loopback, both transports: 256 KiB and 4 MiB reads cost more client
+CPU than 1 MiB (more hops; bigger unsent remainders copied into the socket transport's buffer)."""
 SMALL_FILE = 1 << 20  # read whole and sent in one piece; larger files stream in CHUNK_SIZE pieces
 INLINE_FILE = 256 << 10  # read on the event loop itself: cheaper than a hop to a worker thread
-"""Bytes per read: big enough that the thread hop per chunk is noise, small enough to keep memory flat."""
 
 FLOOR_THROUGHPUT = 1 << 20
 """Bytes/s an upload is allowed to be slow before its attempt times out (a guess: a poor uplink).
@@ -152,8 +158,10 @@ class FilesClient:
 
     ``concurrency`` bounds the requests in flight (and the connection pool); a caller awaiting more waits
     for a slot *before* its deadline starts, so queueing behind big uploads is never mistaken for a timeout.
-    ``retries`` counts retries after the first attempt. ``sleep`` and ``uniform`` (a draw from [0, 1) for
-    the jitter) are injected so tests observe waits without spending wall time.
+    ``retries`` counts retries after the first attempt. ``transport`` names the transport to build
+    ("aiohttp", "httpx": httpx's own, which also honours proxies from the environment) or is one to use
+    as it is (its pool should hold ``concurrency`` connections). ``sleep`` and ``uniform`` (a draw from
+    [0, 1) for the jitter) are injected so tests observe waits without spending wall time.
     """
 
     def __init__(
@@ -165,7 +173,7 @@ class FilesClient:
         retries: int = RETRIES,
         concurrency: int = CONCURRENCY,
         presigned_threshold: int = PRESIGNED_THRESHOLD,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: TransportKind | httpx.AsyncBaseTransport = "aiohttp",
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         uniform: Callable[[], float] = random.random,
         user_agent: str | None = None,
@@ -189,13 +197,23 @@ class FilesClient:
         # Whether this server has shown our md5 extension; only then is `purpose` sent on hash lookups
         # (design §5: use an extension only after seeing it).
         self.extensions = False
+        # Left to httpx, a relative URL and its params are parsed three times per request; built once, and
+        # remembered for the routes that repeat (uploads), measured ~25% less client CPU per small upload.
+        self._url = functools.lru_cache(maxsize=64)(self._absolute)
+        chosen: httpx.AsyncBaseTransport | None
+        if transport == "httpx":
+            chosen = None  # httpx builds its own, with the limits below and the environment's proxies
+        elif isinstance(transport, str):
+            chosen = make_transport(transport, concurrency=concurrency)
+        else:
+            chosen = transport
         self._http = httpx.AsyncClient(
             base_url=self._base_url,
             auth=_BearerAuth(api_key),
             headers={"User-Agent": user_agent or _default_user_agent(), "Accept": "application/json"},
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-            transport=transport,
+            transport=chosen,
             follow_redirects=False,
         )
 
@@ -421,23 +439,31 @@ class FilesClient:
         ``body`` builds a fresh :class:`_Body` context per attempt, so a retry re-opens the file.
         """
 
+        target = (
+            url if isinstance(url, httpx.URL) else self._url(url, tuple(params.items()) if params else ())
+        )
+
         async def attempt() -> httpx.Response:
             async with self._slots:
                 if body is None:
-                    return await self._send(method, url, params=params, json=json, authorize=authorize)
+                    return await self._send(method, target, json=json, authorize=authorize)
                 async with body() as b:
-                    return await self._send(method, url, params=params, body=b, authorize=authorize)
+                    return await self._send(method, target, body=b, authorize=authorize)
 
         return await call_with_retries(
             attempt, policy=self._policy, sleep=self._sleep, uniform=self._uniform, op=op
         )
 
+    def _absolute(self, path: str, params: tuple[tuple[str, str | int], ...]) -> httpx.URL:
+        """``path`` (relative to the base URL) with ``params`` as one absolute URL (see ``self._url``)."""
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        return httpx.URL(f"{self._base_url}{path}{query}")
+
     async def _send(
         self,
         method: str,
-        url: str | httpx.URL,
+        url: httpx.URL,
         *,
-        params: Mapping[str, str | int] | None,
         authorize: bool,
         json: dict[str, Any] | None = None,
         body: _Body | None = None,
@@ -455,7 +481,6 @@ class FilesClient:
                 response = await self._http.request(
                     method,
                     url,
-                    params=params,
                     json=json,
                     content=body.stream if body is not None else None,
                     headers=headers,

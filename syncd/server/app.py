@@ -12,7 +12,10 @@ Choices where the contract leaves room:
   ``created_at`` and place in the listing are those of its PUT. ``verify-upload`` of a pending entry is
   404 with ``upload not completed``. ``--max-bytes`` and ``--reject-types`` apply to the PUT too.
 - Handlers are ``async`` and do their small SQLite and file writes inline on the event loop: for many
-  small uploads a thread hop per request costs more than the I/O itself.
+  small uploads a thread hop per request costs more than the I/O itself. Bodies bigger than a
+  :data:`~syncd.server.store.PIECE` are hashed and written piece by piece in a worker thread instead.
+- The two upload routes are plain ASGI handlers in front of FastAPI (:class:`_UploadRoutes`); another
+  method on their paths is FastAPI's to answer, as for any route it does not know.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import mimetypes
+import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -29,20 +33,20 @@ from fastapi.responses import FileResponse as BlobResponse
 from fastapi.responses import JSONResponse, Response
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from syncd.api.models import PURPOSES, FileResponse, PresignedUrlRequest, PresignedUrlResponse
 from syncd.server.faults import FaultInjector, Latency
 from syncd.server.settings import ServerSettings, is_rejected_type
 from syncd.server.stats import ServerStats
 from syncd.server.store import BlobWriter, FileRecord, Store
-from syncd.server.wire import drain, drain_limit, safe_filename, send_json_error
+from syncd.server.wire import drain, drain_limit, safe_filename, send_json, send_json_error
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
 DEFAULT_EXPIRATION = 24 * 3600
+UPLOADS_PREFIX = "/v1/uploads/"
 _OCTET = "application/octet-stream"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -73,7 +77,7 @@ class BearerAuth:
 
     @staticmethod
     def exempt(method: str, path: str) -> bool:
-        return (method == "PUT" and path.startswith("/v1/uploads/")) or (
+        return (method == "PUT" and path.startswith(UPLOADS_PREFIX)) or (
             method == "GET" and path.startswith("/v1/public/")
         )
 
@@ -92,14 +96,18 @@ class BearerAuth:
 
 
 class _MultipartFile:
-    """Streams the first part named ``file`` of a multipart body into a blob; other parts are skipped."""
+    """Streams the first part named ``file`` of a multipart body into a blob; other parts are skipped.
+
+    The parser's callbacks only take bytes and set flags; what may wait (storing a full piece, dropping
+    the blob) is left to the request handler, between chunks.
+    """
 
     def __init__(
         self, boundary: bytes, open_blob: Callable[[], BlobWriter], reject_types: tuple[str, ...]
     ) -> None:
         self.open_blob = open_blob
         self.reject_types = reject_types
-        self.writer: BlobWriter | None = None
+        self.blob: BlobWriter | None = None
         self.filename = ""
         self.content_type = _OCTET
         self.error: tuple[int, str] | None = None
@@ -128,12 +136,12 @@ class _MultipartFile:
 
     def fail(self, status: int, detail: str) -> None:
         self.error = (status, detail)
-        self.abandon()
+        self._target = False
 
-    def abandon(self) -> None:
-        if self.writer is not None:
-            self.writer.discard()
-            self.writer = None
+    async def discard(self) -> None:
+        if self.blob is not None:
+            await self.blob.discard()
+            self.blob = None
 
     def _part_begin(self) -> None:
         self._headers = {}
@@ -151,7 +159,7 @@ class _MultipartFile:
 
     def _headers_finished(self) -> None:
         _, params = parse_options_header(self._headers.get(b"content-disposition"))
-        if params.get(b"name") != b"file" or self.writer is not None or self.error is not None:
+        if params.get(b"name") != b"file" or self.blob is not None or self.error is not None:
             return
         raw_name = params.get(b"filename")
         self.filename = safe_filename(raw_name.decode("utf-8", "replace") if raw_name else None)
@@ -160,21 +168,46 @@ class _MultipartFile:
             self.fail(415, f"file type not accepted: {self.filename}")
             return
         self.content_type = declared or mimetypes.guess_type(self.filename)[0] or _OCTET
-        self.writer = self.open_blob()
+        self.blob = self.open_blob()
         self._target = True
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._target and self.writer is not None:
-            self.writer.write(data[start:end])
-            if self.writer.too_large:
-                self.writer = None
-                self.error = (413, "file exceeds the server's size limit")
+        if self._target and self.blob is not None:
+            self.blob.write(data[start:end])
+            if self.blob.too_large:
+                self.fail(413, "file exceeds the server's size limit")
 
     def _part_end(self) -> None:
         self._target = False
 
     def _end(self) -> None:
         self.ended = True
+
+
+class _Disconnected(Exception):
+    """The client went away before its request body was complete."""
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((value for key, value in scope["headers"] if key == name), None)
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    """The query parameters, the last of a repeated one winning (as Starlette's ``QueryParams.get``)."""
+    raw: bytes = scope.get("query_string", b"")
+    return dict(urllib.parse.parse_qsl(raw.decode("latin-1"), keep_blank_values=True)) if raw else {}
+
+
+def _base_url(scope: Scope) -> str:
+    """``scheme://host[:port][root_path]/v1`` as the client addressed us (Starlette's ``base_url``)."""
+    scheme = scope.get("scheme", "http")
+    host = _header(scope, b"host")
+    if host is not None:
+        authority = host.decode("latin-1")
+    else:
+        name, port = scope["server"]
+        authority = name if port == {"http": 80, "https": 443}.get(scheme) else f"{name}:{port}"
+    return f"{scheme}://{authority}{scope.get('root_path', '').rstrip('/')}/v1"
 
 
 def _parse_bool(raw: str | None, default: bool) -> bool | None:
@@ -198,7 +231,11 @@ def _internal_handler(_: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> ASGIApp:
-    """The ASGI app: latency → fault injection → bearer auth → routes under ``/v1``."""
+    """The ASGI app: latency → fault injection → bearer auth → the two upload routes → FastAPI under ``/v1``.
+
+    The upload routes are plain ASGI handlers ahead of FastAPI: they read the body themselves, and for a
+    1 KiB upload FastAPI's routing, dependency solving and middleware stack cost more CPU than the upload.
+    """
     signer = Signer(settings.api_key)
     limit = drain_limit(settings.max_bytes)
     receiving: set[str] = set()
@@ -208,26 +245,25 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
         headers = {"Connection": "close"} if close else None
         return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
-    def base_url(request: Request) -> str:
-        return str(request.base_url).rstrip("/") + "/v1"
-
     def to_wire(record: FileRecord, base: str) -> bytes:
         public_url = None
         if record.public:
             public_url = f"{base}/public/{record.id}?token={signer.sign('public', record.id)}"
-        model = FileResponse(
+        model = FileResponse.model_construct(  # the store's records are valid: no need to validate again
             id=record.id,
             filename=record.filename,
             bytes=record.bytes,
-            purpose=record.purpose,  # type: ignore[arg-type]  # only valid purposes are stored
+            purpose=record.purpose,
             created_at=record.created_at,
+            object="file",
             public_url=public_url,
             md5=None if settings.public_only else record.md5,
         )
         return model.model_dump_json(exclude={"md5"} if settings.public_only else None).encode()
 
     def file_json(record: FileRecord, request: Request, status: int = 200) -> Response:
-        return Response(to_wire(record, base_url(request)), status_code=status, media_type="application/json")
+        body = to_wire(record, _base_url(request.scope))
+        return Response(body, status_code=status, media_type="application/json")
 
     def blob(record: FileRecord) -> Response:
         path = store.blob_path(record.id)
@@ -241,79 +277,140 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
             raise RequestValidationError([{"loc": ("query", "purpose"), "msg": _purpose_msg(purpose)}])
         return purpose
 
-    async def drained_error(request: Request, status: int, detail: str) -> Response:
-        complete = await drain(request.receive, limit)
-        return error(status, detail, close=not complete)
+    # -- the upload routes, plain ASGI -------------------------------------------------------------------
 
-    async def stream_to(writer: BlobWriter, request: Request) -> bool:
+    async def refuse(receive: Receive, send: Send, status: int, detail: str) -> None:
+        """Answer an error after reading the body (so the client reads the answer, not a broken pipe)."""
+        complete = await drain(receive, limit)
+        await send_json_error(send, status, detail, close=not complete)
+
+    async def receive_into(writer: BlobWriter, receive: Receive) -> bool:
         """Copy the body into ``writer``; False when a body already too large outgrew the drain limit.
 
         Without ``max_bytes`` nothing is too large: a presigned PUT may be any size.
         """
         seen = 0
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise _Disconnected
+            chunk: bytes = message.get("body", b"")
             seen += len(chunk)
             if writer.too_large and seen > limit:
                 return False
             writer.write(chunk)
-        return True
+            if writer.full:
+                await writer.flush()
+            if not message.get("more_body", False):
+                return True
 
-    @router.get("/health")
-    async def health() -> Response:
-        stats.count("health")
-        return Response(b'{"status":"ok"}', media_type="application/json")
-
-    @router.post("/files", status_code=201)
-    async def upload(request: Request) -> Response:
+    async def upload(scope: Scope, receive: Receive, send: Send) -> None:
         stats.count("uploads")
-        query = request.query_params
+        query = _query(scope)
         purpose = query.get("purpose", "assistants")
         if purpose not in PURPOSES:
-            return await drained_error(request, 422, f"purpose: {_purpose_msg(purpose)}")
+            return await refuse(receive, send, 422, f"purpose: {_purpose_msg(purpose)}")
         public = _parse_bool(query.get("generate_public_url"), default=True)
         if public is None:
-            return await drained_error(request, 422, "generate_public_url: expected true or false")
-        length = request.headers.get("content-length")
+            return await refuse(receive, send, 422, "generate_public_url: expected true or false")
+        length = _header(scope, b"content-length")
         if settings.max_bytes is not None and length is not None and length.isdigit() and int(length) > limit:
-            return error(413, "file exceeds the server's size limit", close=True)
-        kind, params = parse_options_header(request.headers.get("content-type"))
+            return await send_json_error(send, 413, "file exceeds the server's size limit", close=True)
+        kind, params = parse_options_header(_header(scope, b"content-type"))
         boundary = params.get(b"boundary")
         if kind != b"multipart/form-data" or not boundary:
-            return await drained_error(request, 400, "expected a multipart/form-data body with a boundary")
+            return await refuse(receive, send, 400, "expected a multipart/form-data body with a boundary")
         file_id = store.new_id()
         body = _MultipartFile(
             boundary, lambda: store.open_blob(file_id, settings.max_bytes), settings.reject_types
         )
         seen = 0
         try:
-            async for chunk in request.stream():
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    await body.discard()
+                    return await send_json_error(send, 400, "client disconnected")
+                chunk: bytes = message.get("body", b"")
                 seen += len(chunk)
                 if body.error is None:
                     body.feed(chunk)
+                    if body.blob is not None and body.blob.full:
+                        await body.blob.flush()
                 elif seen > limit:
-                    return error(*body.error, close=True)
-        except ClientDisconnect:
-            body.abandon()
-            return error(400, "client disconnected")
+                    await body.discard()
+                    return await send_json_error(send, *body.error, close=True)
+                if not message.get("more_body", False):
+                    break
+            if body.error is None and not body.ended:
+                body.fail(400, "truncated multipart body")
+            if body.error is None and body.blob is None:
+                body.fail(422, "file: missing multipart field 'file'")
+            if body.error is not None:
+                await body.discard()
+                return await send_json_error(send, *body.error)
+            assert body.blob is not None
+            received = await body.blob.finish()
         except BaseException:
-            body.abandon()
+            await body.discard()
             raise
-        if body.error is None and not body.ended:
-            body.fail(400, "truncated multipart body")
-        if body.error is None and body.writer is None:
-            body.fail(422, "file: missing multipart field 'file'")
-        if body.error is not None:
-            return error(*body.error)
-        assert body.writer is not None
         record = store.add_file(
             file_id,
-            body.writer,
+            received,
             filename=body.filename,
             purpose=purpose,
             public=public,
             content_type=body.content_type,
         )
-        return file_json(record, request, status=201)
+        await send_json(send, 201, to_wire(record, _base_url(scope)))
+
+    async def presigned_put(scope: Scope, receive: Receive, send: Send) -> None:
+        stats.count("presigned_puts")
+        file_id = _upload_id(scope["path"])
+        query = _query(scope)
+        expires = query.get("expires", "")
+        token = query.get("token", "")
+        if not signer.verify(token, "upload", file_id, expires):
+            return await refuse(receive, send, 403, "invalid upload token")
+        if int(expires) <= store.clock().timestamp():
+            return await refuse(receive, send, 403, "upload URL expired")
+        if file_id in receiving:
+            return await refuse(receive, send, 409, "an upload to this URL is in progress")
+        pending = store.get_pending(file_id)
+        if pending is None:
+            if store.get(file_id) is not None:
+                return await refuse(receive, send, 409, "already uploaded")
+            return await refuse(receive, send, 404, "unknown or expired upload")
+        declared = _header(scope, b"content-type")
+        declared_type = declared.decode("latin-1") if declared is not None else None
+        if is_rejected_type(settings.reject_types, pending.filename, declared_type):
+            return await refuse(receive, send, 415, f"file type not accepted: {pending.filename}")
+        # Held until the file is published: a second PUT meanwhile must not store the blob again.
+        receiving.add(file_id)
+        writer = store.open_blob(file_id, settings.max_bytes)
+        try:
+            try:
+                complete = await receive_into(writer, receive)
+            except _Disconnected:
+                await writer.discard()
+                return await send_json_error(send, 400, "client disconnected")
+            if writer.too_large or not complete:
+                await writer.discard()
+                return await send_json_error(
+                    send, 413, "file exceeds the server's size limit", close=not complete
+                )
+            record = store.complete_pending(pending, await writer.finish())
+        except BaseException:
+            await writer.discard()
+            raise
+        finally:
+            receiving.discard(file_id)
+        await send_json(send, 200, to_wire(record, _base_url(scope)))
+
+    @router.get("/health")
+    async def health() -> Response:
+        stats.count("health")
+        return Response(b'{"status":"ok"}', media_type="application/json")
 
     @router.get("/files")
     async def list_files(
@@ -324,7 +421,7 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
     ) -> Response:
         stats.count("lists")
         records = store.list_files(skip, limit, checked_purpose(purpose))
-        base = base_url(request)
+        base = _base_url(request.scope)
         return Response(
             b"[" + b",".join(to_wire(r, base) for r in records) + b"]", media_type="application/json"
         )
@@ -352,7 +449,7 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
             content_type=mimetypes.guess_type(filename)[0] or _OCTET,
             expires_at=float(expires),
         )
-        base = base_url(request)
+        base = _base_url(request.scope)
         token = signer.sign("upload", record.id, str(expires))
         answer = PresignedUrlResponse(
             id=record.id,
@@ -365,41 +462,6 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
             expiration=expiration,
         )
         return Response(answer.model_dump_json(), media_type="application/json")
-
-    @router.put("/uploads/{file_id}")
-    async def presigned_put(file_id: str, request: Request) -> Response:
-        stats.count("presigned_puts")
-        expires = request.query_params.get("expires", "")
-        token = request.query_params.get("token", "")
-        if not signer.verify(token, "upload", file_id, expires):
-            return await drained_error(request, 403, "invalid upload token")
-        if int(expires) <= store.clock().timestamp():
-            return await drained_error(request, 403, "upload URL expired")
-        if file_id in receiving:
-            return await drained_error(request, 409, "an upload to this URL is in progress")
-        pending = store.get_pending(file_id)
-        if pending is None:
-            if store.get(file_id) is not None:
-                return await drained_error(request, 409, "already uploaded")
-            return await drained_error(request, 404, "unknown or expired upload")
-        declared = request.headers.get("content-type")
-        if is_rejected_type(settings.reject_types, pending.filename, declared):
-            return await drained_error(request, 415, f"file type not accepted: {pending.filename}")
-        receiving.add(file_id)
-        writer = store.open_blob(file_id, settings.max_bytes)
-        try:
-            complete = await stream_to(writer, request)
-        except ClientDisconnect:
-            writer.discard()
-            return error(400, "client disconnected")
-        except BaseException:
-            writer.discard()
-            raise
-        finally:
-            receiving.discard(file_id)
-        if writer.too_large or not complete:
-            return error(413, "file exceeds the server's size limit", close=not complete)
-        return file_json(store.complete_pending(pending, writer), request)
 
     @router.get("/files/verify-upload/{file_id}")
     async def verify_upload(file_id: str, request: Request) -> Response:
@@ -445,7 +507,7 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
     api.add_exception_handler(RequestValidationError, _validation_handler)
     api.add_exception_handler(Exception, _internal_handler)
 
-    app: ASGIApp = BearerAuth(api, settings.api_key, stats, limit)
+    app: ASGIApp = BearerAuth(_UploadRoutes(api, upload, presigned_put), settings.api_key, stats, limit)
     if settings.fault_rate > 0:
         app = FaultInjector(
             app,
@@ -458,6 +520,50 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
     if settings.latency_ms > 0:
         app = Latency(app, settings.latency_ms)
     return app
+
+
+class _UploadRoutes:
+    """``POST /v1/files`` and ``PUT /v1/uploads/{id}`` as plain ASGI handlers; anything else goes to ``api``.
+
+    An exception in a handler is answered as FastAPI's handler would (500, JSON), then re-raised so that
+    uvicorn logs it.
+    """
+
+    def __init__(self, api: ASGIApp, upload: ASGIApp, presigned_put: ASGIApp) -> None:
+        self.api = api
+        self.upload = upload
+        self.presigned_put = presigned_put
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.api
+        if scope["type"] == "http":
+            method, path = scope["method"], scope["path"]
+            if method == "POST" and path == "/v1/files":
+                handler = self.upload
+            elif method == "PUT" and _upload_id(path):
+                handler = self.presigned_put
+        if handler is self.api:
+            await handler(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await handler(scope, receive, tracked)
+        except Exception:
+            if not started:
+                await send_json_error(send, 500, "internal server error")
+            raise
+
+
+def _upload_id(path: str) -> str:
+    """The id in ``/v1/uploads/{id}``, or "" when ``path`` is not such a route."""
+    rest = path.removeprefix(UPLOADS_PREFIX)
+    return rest if rest != path and rest and "/" not in rest else ""
 
 
 def _purpose_msg(purpose: str) -> str:
