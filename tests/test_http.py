@@ -159,23 +159,31 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
-    """pytest-playwright's launch, on Debian's chromium (Playwright's own browser builds are not used)."""
-    return {
-        **browser_type_launch_args,
-        "executable_path": chromium(),
-        "args": [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ],
-    }
+@pytest.fixture
+def page() -> Iterator[Any]:
+    """A page in headless Debian chromium, for this test only: pytest-playwright's own session-scoped
+    `page` keeps Playwright's event loop running for the rest of the session, and later tests that run
+    an event loop of their own (run_until_complete) then fail."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium(),
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
 
 
 def test_status_page_in_a_browser(watched: Watched, page: Any, tmp_path: Path) -> None:
