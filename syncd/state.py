@@ -46,11 +46,19 @@ class StateError(RuntimeError):
         self.exit_code = 1 if transient else 2
 
 
+def _no_space(path: Path) -> bool:
+    """SQLite reports a write that hit a full disk as a plain "disk I/O error": ask the file system."""
+    try:
+        return os.statvfs(path).f_bavail == 0
+    except OSError:
+        return False
+
+
 def state_error(state_dir: Path, exc: BaseException) -> StateError:
     """The one-line `StateError` for an OS or SQLite failure on the state dir."""
     text = str(exc).lower()
     errno_ = getattr(exc, "errno", None)
-    if "full" in text or errno_ == errno.ENOSPC:
+    if "full" in text or errno_ == errno.ENOSPC or ("i/o" in text and _no_space(state_dir)):
         return StateError(f"state dir {state_dir}: the disk is full; free some space", transient=True)
     if "readonly" in text or "read-only" in text or errno_ in (errno.EROFS, errno.EACCES, errno.EPERM):
         return StateError(

@@ -152,12 +152,13 @@ def test_a_manifest_from_a_newer_syncd_is_one_line(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs (root only: CI runs as root; a developer's run skips)."""
+    """A 16 MiB tmpfs (root only: CI runs as root; a developer's run skips). Not smaller: SQLite's WAL
+    grows to ~4 MiB (1,000 pages) before its automatic checkpoint."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mount = tmp_path / "small"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
     try:
         yield mount
     finally:
