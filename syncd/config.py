@@ -124,6 +124,9 @@ class RemoteConfig(_Section):
     concurrency: Annotated[Literal["auto"] | int, PlainValidator(_depth_setting)] = "auto"
     max_concurrency: int = Field(default=MAX_CONCURRENCY, ge=1, le=256)
     presigned_threshold: Size = PRESIGNED_THRESHOLD
+    # Bytes per second shared by every upload in flight (rclone's --bwlimit); off by default: a sync tool
+    # should use the uplink it is given unless the user says otherwise.
+    max_upload_rate: Size | None = None
     # aiohttp: measured 2.3x less client CPU per small upload than httpx's own (bench.transport); httpx
     # honours HTTP(S)_PROXY from the environment, aiohttp does not.
     transport: TransportKind = "aiohttp"

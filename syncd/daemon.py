@@ -159,6 +159,7 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
                 concurrency=lambda: q.depth.limit,
                 observe=q.depth.observe,
                 gate=q.gate,
+                throttle=upload.UploadRate(rate) if (rate := config.remote.max_upload_rate) else None,
             )
         ),
         asyncio.create_task(

@@ -16,8 +16,10 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 import structlog
+from aiolimiter import AsyncLimiter
 
 from syncd.api import ApiError, AuthError, FileResponse, FilesClient, SourceChangedError
+from syncd.api.client import Throttle
 from syncd.counters import Counters
 from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, State
 from syncd.plan import ErrorKind, Failed, Reuse, UploadJob, on_upload_error, resolve, retry_delay
@@ -76,6 +78,7 @@ async def sync_job(
     remote_index: RemoteIndex | None = None,
     intent_window: float = 0.0,
     counters: Counters | None = None,
+    throttle: Throttle | None = None,
 ) -> Outcome:
     """Give one queued row a remote file: reuse one if any exists for (md5, purpose), else upload.
 
@@ -119,11 +122,19 @@ async def sync_job(
         )
         counters.hits[via] += 1
         return Outcome.REUSED
-    return await _upload(job, manifest=manifest, client=client, clock=clock, counters=counters)
+    return await _upload(
+        job, manifest=manifest, client=client, clock=clock, counters=counters, throttle=throttle
+    )
 
 
 async def _upload(
-    job: UploadJob, *, manifest: Manifest, client: FilesClient, clock: Callable[[], float], counters: Counters
+    job: UploadJob,
+    *,
+    manifest: Manifest,
+    client: FilesClient,
+    clock: Callable[[], float],
+    counters: Counters,
+    throttle: Throttle | None,
 ) -> Outcome:
     if not manifest.mark_uploading(job.key, md5=job.md5):
         return Outcome.STALE
@@ -134,6 +145,7 @@ async def _upload(
             purpose=job.purpose,
             filename=job.path.name,
             expected=(job.stat.size, job.stat.mtime_ns),
+            throttle=throttle,
         )
     except SourceChangedError:
         # Cut short before its last byte: the server stores nothing from it.
@@ -237,6 +249,24 @@ LISTING_PAGES_PER_FILE = 0.05  # give up on the listing beyond one page per 20 n
 INDEX_TTL_SECONDS = 600.0  # after this, a cache check asks the server again
 
 
+class UploadRate:
+    """`[remote] max_upload_rate`: one budget of bytes per second shared by every upload in flight.
+
+    A leaky bucket (aiolimiter) refilled every tenth of a second, so the burst after an idle spell is a
+    tenth of a second's worth and the rate over a few seconds stays within a few percent of the cap.
+    """
+
+    def __init__(self, bytes_per_second: int) -> None:
+        self._piece = max(1, bytes_per_second // 10)
+        self._limiter = AsyncLimiter(self._piece, 0.1)
+
+    async def __call__(self, size: int) -> None:
+        while size > 0:
+            take = min(size, self._piece)
+            await self._limiter.acquire(take)
+            size -= take
+
+
 class JobQueue:
     """The upload stage's input: a bounded queue, and the keys waiting in it or being worked on, so a
     row is queued once however many scans, events and retry sweeps submit it."""
@@ -326,6 +356,7 @@ async def run(
     concurrency: Callable[[], int],
     observe: Callable[[float, float, Literal["ok", "overload"]], None],
     gate: Gate | None,
+    throttle: Throttle | None = None,
 ) -> None:
     """Jobs in until ``None``, up to ``concurrency()`` at once; each row ends synced, failed or scheduled.
 
@@ -373,6 +404,7 @@ async def run(
                 remote_index=await cache.index(),
                 intent_window=client.longest_upload(job.stat.size),
                 counters=counters,
+                throttle=throttle,
             )
         finally:
             counters.in_flight -= 1

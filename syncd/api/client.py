@@ -94,7 +94,13 @@ def _form_quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 
-async def _read_file(f: BinaryIO, path: Path, size: int, mtime_ns: int) -> AsyncIterator[bytes]:
+Throttle = Callable[[int], Awaitable[None]]
+"""Waits until ``n`` more bytes may be sent (a bandwidth cap shared by every upload in flight)."""
+
+
+async def _read_file(
+    f: BinaryIO, path: Path, size: int, mtime_ns: int, throttle: Throttle | None = None
+) -> AsyncIterator[bytes]:
     """Yield exactly ``size`` bytes of ``f``; abort before the last chunk if the file changed meanwhile.
 
     Holding the last chunk back until an ``fstat`` agrees with the one taken at open means a file that
@@ -103,6 +109,8 @@ async def _read_file(f: BinaryIO, path: Path, size: int, mtime_ns: int) -> Async
     remaining = size
     pending = b""
     while remaining > 0:
+        if throttle is not None:
+            await throttle(min(CHUNK_SIZE, remaining))
         chunk = await asyncio.to_thread(f.read, min(CHUNK_SIZE, remaining))
         if not chunk:
             raise SourceChangedError(
@@ -162,6 +170,8 @@ class FilesClient:
     ("aiohttp", "httpx": httpx's own, which also honours proxies from the environment) or is one to use
     as it is (its pool should hold ``concurrency`` connections). ``sleep`` and ``uniform`` (a draw from
     [0, 1) for the jitter) are injected so tests observe waits without spending wall time.
+    ``floor_throughput`` is the slowest an upload may be before its attempt times out (lower it when a
+    bandwidth cap shares a slow uplink between uploads).
     """
 
     def __init__(
@@ -180,6 +190,7 @@ class FilesClient:
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         max_retry_after: float = MAX_RETRY_AFTER_SECONDS,
+        floor_throughput: float = FLOOR_THROUGHPUT,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -187,6 +198,7 @@ class FilesClient:
             raise ValueError("retries must not be negative")
         self._base_url = httpx.URL(base_url.rstrip("/") + "/")
         self._timeout = timeout
+        self._floor = floor_throughput
         self._presigned_threshold = presigned_threshold
         self._policy = RetryPolicy(
             attempts=retries + 1, base=backoff_base, cap=backoff_cap, max_retry_after=max_retry_after
@@ -220,7 +232,7 @@ class FilesClient:
     def longest_upload(self, size: int) -> float:
         """The longest one upload of ``size`` bytes can take, every attempt and wait included: it bounds
         which remote files created after a crash's recorded intent can be ours."""
-        per_attempt = self._timeout + size / FLOOR_THROUGHPUT
+        per_attempt = self._timeout + size / self._floor
         policy = self._policy
         return (per_attempt + max(policy.cap, policy.max_retry_after)) * policy.attempts
 
@@ -338,6 +350,7 @@ class FilesClient:
         filename: str | None = None,
         generate_public_url: bool = False,
         expected: tuple[int, int] | None = None,
+        throttle: Throttle | None = None,
     ) -> FileResponse:
         """Upload ``path`` as a new remote file: direct multipart up to ``presigned_threshold`` bytes, above
         it presigned (POST presigned-url → PUT → verify), as the official SDK decides.
@@ -346,22 +359,37 @@ class FilesClient:
         and a sync daemon should not publish a user's documents unasked. Local ``OSError`` (file vanished)
         propagates unchanged; :class:`SourceChangedError` if the file changed while being sent, or if its
         (size, mtime_ns) at open differ from ``expected`` (what the caller hashed: without the md5 extension
-        a same-size edit could not be noticed afterwards).
+        a same-size edit could not be noticed afterwards). ``throttle`` is awaited before each piece of
+        the file is sent.
         """
         name = filename or path.name
         size = expected[0] if expected is not None else (await asyncio.to_thread(path.stat)).st_size
         if size > self._presigned_threshold:
-            item = await self._upload_presigned(path, name=name, purpose=purpose, expected=expected)
+            item = await self._upload_presigned(
+                path, name=name, purpose=purpose, expected=expected, throttle=throttle
+            )
         else:
             item = await self._upload_direct(
-                path, name=name, purpose=purpose, public=generate_public_url, expected=expected
+                path,
+                name=name,
+                purpose=purpose,
+                public=generate_public_url,
+                expected=expected,
+                throttle=throttle,
             )
         return self._noticed(item)
 
     # -- upload paths ------------------------------------------------------------------------------
 
     async def _upload_direct(
-        self, path: Path, *, name: str, purpose: str, public: bool, expected: tuple[int, int] | None
+        self,
+        path: Path,
+        *,
+        name: str,
+        purpose: str,
+        public: bool,
+        expected: tuple[int, int] | None,
+        throttle: Throttle | None,
     ) -> FileResponse:
         part_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
 
@@ -383,13 +411,15 @@ class FilesClient:
             if small is not None:
                 # One thread hop and one send for the common case (scans, documents): measured ~3x less
                 # client CPU per file than streaming a handful of chunks through the event loop.
+                if throttle is not None:
+                    await throttle(len(small))
                 yield _Body(head + small + tail, len(head) + len(small) + len(tail), content_type)
                 return
             async with _open_file(path, expected) as (f, size, mtime_ns):
 
                 async def stream() -> AsyncIterator[bytes]:
                     yield head
-                    async for chunk in _read_file(f, path, size, mtime_ns):
+                    async for chunk in _read_file(f, path, size, mtime_ns, throttle):
                         yield chunk
                     yield tail
 
@@ -400,7 +430,13 @@ class FilesClient:
         return _parse(FileResponse, response)
 
     async def _upload_presigned(
-        self, path: Path, *, name: str, purpose: str, expected: tuple[int, int] | None
+        self,
+        path: Path,
+        *,
+        name: str,
+        purpose: str,
+        expected: tuple[int, int] | None,
+        throttle: Throttle | None,
     ) -> FileResponse:
         # Sent as given (no ``expiration``: the server's default applies), so that a bad purpose is judged
         # by the server (422 → ValidationError) exactly as on the direct path.
@@ -412,7 +448,7 @@ class FilesClient:
         @asynccontextmanager
         async def raw() -> AsyncIterator[_Body]:
             async with _open_file(path, expected) as (f, size, mtime_ns):
-                yield _Body(_read_file(f, path, size, mtime_ns), size, grant.content_type)
+                yield _Body(_read_file(f, path, size, mtime_ns, throttle), size, grant.content_type)
 
         # The URL authorises itself; like the SDK, send no API key to what may be another host.
         target = self._base_url.join(grant.url)
@@ -469,7 +505,7 @@ class FilesClient:
         body: _Body | None = None,
     ) -> httpx.Response:
         size = body.length if body is not None else 0
-        deadline = self._timeout + size / FLOOR_THROUGHPUT
+        deadline = self._timeout + size / self._floor
         headers = (
             {"Content-Type": body.content_type, "Content-Length": str(body.length)}
             if body is not None
