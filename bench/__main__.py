@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import bwlimit, events, hashing, initial, large_file, manifest_1m, nochange, transport
+from bench import bwlimit, events, hashing, initial, large_file, manifest_1m, nochange, startup, transport
 from bench.common import Context, GiB, Options, Outcome, Row, remove_tree
 
 Benchmark = Callable[[Context], Outcome]
@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[Benchmark, str]] = {
     "event_latency": (events.event_latency, "event → uploaded latency of 200 files dropped one by one"),
     "transport": (transport.transport, "1,500 x 1 KiB uploads, 8 in flight: aiohttp vs httpx transport"),
     "transport_put": (transport.transport_put, "one 1 GiB presigned PUT per transport vs curl -T"),
+    "startup": (startup.startup, "start-up of sync --once on an empty folder and --help vs import httpx"),
     "bwlimit": (
         bwlimit.bwlimit,
         "sync --once of 40 MiB under max_upload_rate = 5MiB: achieved rate vs the cap",
