@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -84,11 +86,18 @@ def sync_once(config: Config, *, progress: bool, rebind: bool = False) -> int:
     """
     logs.configure_for(config, quiet=progress)
     key = require_api_key(config)
+    return _locked(config, key, rebind, lambda manifest: _sync_once(config, manifest, key, progress=progress))
+
+
+def _locked(
+    config: Config, key: str, rebind: bool, body: Callable[[Manifest], Coroutine[Any, Any, int]]
+) -> int:
+    """Run ``body`` on the manifest, under the state dir's lock, bound to this config's remote."""
     with StateLock(config.state_dir) as lock:
         manifest = Manifest.open(lock)
         try:
             manifest.bind_remote(config.remote.base_url, key, rebind=rebind)
-            return asyncio.run(_sync_once(config, manifest, key, progress=progress))
+            return asyncio.run(body(manifest))
         finally:
             manifest.close()
 
@@ -114,13 +123,9 @@ def reconcile_once(config: Config, *, dry_run: bool, confirm: bool, rebind: bool
     key = require_api_key(config)
     if dry_run:
         return asyncio.run(_reconcile_dry_run(config, key, confirm=confirm))
-    with StateLock(config.state_dir) as lock:
-        manifest = Manifest.open(lock)
-        try:
-            manifest.bind_remote(config.remote.base_url, key, rebind=rebind)
-            return asyncio.run(_reconcile_once(config, manifest, key, confirm=confirm))
-        finally:
-            manifest.close()
+    return _locked(
+        config, key, rebind, lambda manifest: _reconcile_once(config, manifest, key, confirm=confirm)
+    )
 
 
 async def _reconcile_dry_run(config: Config, key: str, *, confirm: bool) -> int:

@@ -28,9 +28,10 @@ import pytest
 from hypothesis import settings
 
 from syncd.api import TRANSPORTS, TransportKind
-from syncd.manifest import Entry, ManifestMissing, ManifestReader, State
+from syncd.manifest import Entry, Manifest, ManifestMissing, ManifestReader, State
 from syncd.server import RunningServer, ServerSettings, running_server
 from syncd.server.store import Clock
+from syncd.state import StateLock
 
 T = TypeVar("T")
 
@@ -64,6 +65,20 @@ class FakeClock:
 
 class ServerFactory(Protocol):
     def __call__(self, *, clock: Clock | None = None, **overrides: Any) -> RunningServer: ...
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Iterator[Manifest]:
+    """A real manifest file in tmp_path, opened under its lock (the writer the daemon holds)."""
+    with StateLock(tmp_path / "state") as lock:
+        m = Manifest.open(lock)
+        yield m
+        m.close()
 
 
 @pytest.fixture

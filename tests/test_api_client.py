@@ -57,11 +57,6 @@ GiB = 2**30
 ServerFactory = Callable[..., RunningServer]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @dataclass
 class Wire:
     """What went over the wire, per request: method, path and headers; ``on_send`` runs as each request

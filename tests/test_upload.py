@@ -7,7 +7,7 @@ what the server holds (its request counters and listing) and what the manifest s
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from syncd.manifest import FileKey, Manifest, State
 from syncd.plan import RETRY_BASE_SECONDS, UploadJob, statkey
 from syncd.scan import FileStat
 from syncd.server import RunningServer
-from syncd.state import StateLock
 from syncd.upload import Outcome, sync_job
 
 pytestmark = pytest.mark.anyio
@@ -29,19 +28,6 @@ ServerFactory = Callable[..., RunningServer]
 NOW = 1_800_000_000.0
 """The job's wall clock (retry times are asserted against it). The manifest keeps the real clock: its
 ``updated_at`` of an ``uploading`` row is the intent time, compared with the server's ``created_at``."""
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def manifest(tmp_path: Path) -> Iterator[Manifest]:
-    with StateLock(tmp_path / "state") as lock:
-        m = Manifest.open(lock)
-        yield m
-        m.close()
 
 
 @pytest.fixture
