@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from syncd import hooks
 from syncd.config import Config
 from syncd.manifest import ManifestMissing, ManifestReader, SchemaMismatch
 from syncd.state import daemon_running, read_live
@@ -24,7 +25,7 @@ def collect(config: Config) -> dict[str, Any]:
     try:
         reader = ManifestReader.open_readonly(state_dir)
     except (ManifestMissing, SchemaMismatch) as exc:
-        report.update(counts={}, bytes_queued=0, last_errors=[], notes={}, roots=[])
+        report.update(counts={}, bytes_queued=0, last_errors=[], notes={}, roots=[], hooks=[])
         if isinstance(exc, SchemaMismatch):
             report["notes"] = {"manifest": str(exc)}
         return report
@@ -37,6 +38,7 @@ def collect(config: Config) -> dict[str, Any]:
         ]
         report["notes"] = reader.notes()
         report["roots"] = [{"path": r.path, "files": r.live_rows} for r in reader.roots()]
+        report["hooks"] = hooks.status(reader, hooks.compile_hooks(config))
     return report
 
 
@@ -68,3 +70,10 @@ def render(report: dict[str, Any]) -> None:
         typer.echo(f"root {root['path']}: {root['files']} files")
     for err in report["last_errors"]:
         typer.echo(f"error: {err['path']} ({err['state']}): {err['error']}")
+    for hook in report.get("hooks", []):
+        typer.echo(
+            f"hook {hook['name']} ({hook['id']}, {hook['watch']}): {hook['done']} done, {hook['pending']}"
+            f" pending, {hook['failing']} failing, {hook['failures']} failed attempts"
+        )
+        if hook["last_error"]:
+            typer.echo(f"  last error: {hook['last_error_path']}: {hook['last_error']}")

@@ -1,9 +1,11 @@
 """The upload stage: the manifest's own remote ids, then the remote cache, then a recorded-intent upload.
 
 Decisions come from `syncd.plan`; this module performs them against the manifest and the API client.
-Its input is a `JobQueue` (a row is never queued twice), its outputs are the manifest's rows and
-``resettle(key)`` for a file that changed under an upload. A row is never sent before its
-``next_attempt_at`` (``due``): backoff and a server's ``Retry-After`` are honoured whoever submits it.
+Its input is a `JobQueue` (a row is never queued twice), its outputs are the manifest's rows,
+``resettle(key)`` for a file that changed under an upload, and ``synced(SyncedFile)`` for each row it
+marked synced (the hook and after_sync stages' cue: a call that returns at once, never a wait). A row
+is never sent before its ``next_attempt_at`` (``due``): backoff and a server's ``Retry-After`` are
+honoured whoever submits it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ import structlog
 from syncd.api import ApiError, AuthError, FileResponse, FilesClient, SourceChangedError
 from syncd.counters import Counters
 from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, State
-from syncd.plan import ErrorKind, Failed, Reuse, UploadJob, on_upload_error, resolve, retry_delay
+from syncd.plan import (
+    ErrorKind,
+    Failed,
+    Reuse,
+    SyncedFile,
+    UploadJob,
+    on_upload_error,
+    resolve,
+    retry_delay,
+)
 from syncd.supervise import supervised
 
 log = structlog.get_logger("syncd.upload")
@@ -76,11 +87,12 @@ async def sync_job(
     remote_index: RemoteIndex | None = None,
     intent_window: float = 0.0,
     counters: Counters | None = None,
+    synced: Callable[[SyncedFile], None] | None = None,
 ) -> Outcome:
     """Give one queued row a remote file: reuse one if any exists for (md5, purpose), else upload.
 
     ``intent_window`` is how long an upload may take at most (all attempts): it bounds which remote files
-    created after a crash's recorded intent can be ours.
+    created after a crash's recorded intent can be ours. ``synced`` hears of the row once it is synced.
     """
     counters = counters if counters is not None else Counters()
     ledger = _Ledger(manifest)
@@ -106,6 +118,9 @@ async def sync_job(
             remote_created_at=decision.created_at,
         ):
             return Outcome.STALE
+        if synced is not None:
+            public_url = hit.public_url if hit is not None and hit.id == decision.remote_id else None
+            synced(SyncedFile(job.key, job.md5, job.purpose, decision.remote_id, job.stat.size, public_url))
         via = (
             "local" if decision.source == "manifest" else "listing" if remote_index is not None else "lookup"
         )
@@ -119,11 +134,17 @@ async def sync_job(
         )
         counters.hits[via] += 1
         return Outcome.REUSED
-    return await _upload(job, manifest=manifest, client=client, clock=clock, counters=counters)
+    return await _upload(job, manifest=manifest, client=client, clock=clock, counters=counters, synced=synced)
 
 
 async def _upload(
-    job: UploadJob, *, manifest: Manifest, client: FilesClient, clock: Callable[[], float], counters: Counters
+    job: UploadJob,
+    *,
+    manifest: Manifest,
+    client: FilesClient,
+    clock: Callable[[], float],
+    counters: Counters,
+    synced: Callable[[SyncedFile], None] | None,
 ) -> Outcome:
     if not manifest.mark_uploading(job.key, md5=job.md5):
         return Outcome.STALE
@@ -174,7 +195,11 @@ async def _upload(
         bytes=response.bytes,
         purpose=job.purpose,
     )
-    return Outcome.UPLOADED if marked else Outcome.STALE
+    if not marked:
+        return Outcome.STALE
+    if synced is not None:
+        synced(SyncedFile(job.key, job.md5, job.purpose, response.id, response.bytes, response.public_url))
+    return Outcome.UPLOADED
 
 
 def failure_kind(exc: ApiError) -> str:
@@ -325,6 +350,7 @@ async def run(
     counters: Counters,
     concurrency: Callable[[], int],
     observe: Callable[[float, float, Literal["ok", "overload"]], None],
+    synced: Callable[[SyncedFile], None],
 ) -> None:
     """Jobs in until ``None``, up to ``concurrency()`` at once; each row ends synced, failed or scheduled.
 
@@ -372,6 +398,7 @@ async def run(
                 remote_index=await cache.index(),
                 intent_window=client.longest_upload(job.stat.size),
                 counters=counters,
+                synced=synced,
             )
         finally:
             counters.in_flight -= 1

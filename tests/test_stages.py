@@ -119,6 +119,7 @@ class UploadStage:
                 counters=self.counters,
                 concurrency=lambda: 4,
                 observe=lambda now, latency, outcome: None,
+                synced=lambda done: None,
             )
         )
 
