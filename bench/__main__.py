@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import events, hashing, initial, large_file, manifest_1m, nochange
+from bench import events, hashing, hooks, initial, large_file, manifest_1m, nochange
 from bench.common import Context, GiB, Options, Outcome, Row, remove_tree
 
 Benchmark = Callable[[Context], Outcome]
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[Benchmark, str]] = {
     "hashing": (hashing.hashing, "hashing 4 GiB in 8 files (page cache) vs md5sum"),
     "large_file": (large_file.large_file, "one 2 GiB file (presigned) vs the SDK and md5sum + curl -T"),
     "event_latency": (events.event_latency, "event → uploaded latency of 200 files dropped one by one"),
+    "hooks": (hooks.hooks_rate, "upload rate of 1,000 dropped files with a 1 s hook on each vs none"),
 }
 
 SHARED_BY: dict[str, frozenset[str]] = {
