@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,7 +24,7 @@ from conftest import ServerFactory, Syncd, md5_of, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
-from syncd.config import HOOK_FIELDS, ConfigError, HookConfig, load_config, parse_template
+from syncd.config import HOOK_FIELDS, ConfigError, HookConfig, load_config, parse_config, parse_template
 from syncd.hooks import Hook, environment, expand, hook_id, run_command
 from syncd.manifest import State
 
@@ -112,6 +114,20 @@ def test_bad_hooks_are_one_line_errors_naming_the_key(tmp_path: Path, hook: str,
         load_config(write(tmp_path, f"[[watch.hooks]]\n{hook}"))
     assert "\n" not in str(info.value)
     assert expected in str(info.value)
+
+
+def test_the_example_config_documents_every_hook_and_after_sync_key() -> None:
+    text = (Path(__file__).resolve().parent.parent / "config.example.toml").read_text(encoding="utf-8")
+    for key in (*HookConfig.model_fields, "after_sync", "move_to"):
+        assert re.search(rf"^(# )?{key} = ", text, re.MULTILINE), f"{key} is not in config.example.toml"
+    # Uncommented, the example hook is a valid config.
+    block = text[text.index("# [[watch.hooks]]") :].splitlines()
+    keys = [line[2:] for line in block if re.match(r"^# (\[\[watch\.hooks\]\]|[a-z_]+ = )", line)]
+    example = "[[watch]]\npath = 'x'\n" + "\n".join(k for k in keys if not k.startswith("post"))
+    [hook] = parse_config(tomllib.loads(example), source="example", base=Path("/etc/syncd")).watch[0].hooks
+    assert hook == HookConfig(
+        on="synced", exec=("/etc/syncd/hooks/predict.py", "{remote_id}", "{path}"), pattern="scans/**"
+    )
 
 
 def test_a_relative_program_resolves_next_to_the_config(tmp_path: Path) -> None:
