@@ -438,6 +438,7 @@ async def submit_all_pending(runs: HookQueue, *, manifest: Manifest, table: Hook
 def status(reader: ManifestReader, table: HookTable) -> list[dict[str, Any]]:
     """Per configured hook: runs done, pending and failing, failed attempts, the last error."""
     stats = reader.hook_stats()
+    since = reader.hooks_first_seen()
     report = []
     for hook in table:
         s = stats.get(hook.id)
@@ -447,6 +448,7 @@ def status(reader: ManifestReader, table: HookTable) -> list[dict[str, Any]]:
                 "name": hook.name,
                 "watch": str(hook.root_path),
                 "per": hook.config.per,
+                "since": since.get(hook.id),
                 "done": s.done if s else 0,
                 "pending": s.pending if s else 0,
                 "failing": s.failing if s else 0,

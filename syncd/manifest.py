@@ -712,6 +712,10 @@ class ManifestReader:
         ).fetchall()
         return [HookRun(*r) for r in rows]
 
+    def hooks_first_seen(self) -> dict[str, float]:
+        """When each hook id was first configured: it runs for files synced from then on."""
+        return {k: v for k, v in self._conn.execute("SELECT hook_id, first_seen FROM hooks")}
+
     def hook_stats(self) -> dict[str, HookStats]:
         """Per hook id: runs done and pending, failures and the last error (a scan: for ``status``)."""
         stats: dict[str, HookStats] = {}

@@ -369,6 +369,7 @@ def test_a_webhook_gets_the_fields_a_failure_shows_in_status_and_the_next_pass_r
     webhook = Webhook(fail=1)
     try:
         h.configure(f'[[watch.hooks]]\non = "synced"\npost = "{webhook.url}"\n')
+        configured = time.time()
         (w.root / "report.pdf").write_bytes(b"%PDF for the webhook")
         first = w.sync_once()
         assert first.returncode == 1, "a failed hook makes the pass exit 1"
@@ -400,3 +401,4 @@ def test_a_webhook_gets_the_fields_a_failure_shows_in_status_and_the_next_pass_r
     assert "authorization" not in {k.lower() for k in webhook.headers[-1]}
     [hook] = w.status()["hooks"]
     assert (hook["done"], hook["pending"], hook["failures"]) == (1, 0, 1)
+    assert configured <= hook["since"] <= time.time()  # when the hook was first seen
