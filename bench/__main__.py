@@ -15,7 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import bwlimit, events, hashing, initial, large_file, manifest_1m, nochange, startup, transport
+from bench import (
+    bwlimit,
+    events,
+    hashing,
+    hooks,
+    initial,
+    large_file,
+    manifest_1m,
+    nochange,
+    startup,
+    transport,
+)
 from bench.common import Context, GiB, Options, Outcome, Row, remove_tree
 
 Benchmark = Callable[[Context], Outcome]
@@ -36,6 +47,7 @@ BENCHMARKS: dict[str, tuple[Benchmark, str]] = {
         bwlimit.bwlimit,
         "sync --once of 40 MiB under max_upload_rate = 5MiB: achieved rate vs the cap",
     ),
+    "hooks": (hooks.hooks_rate, "upload rate of 1,000 dropped files with a 1 s hook on each vs none"),
 }
 
 SHARED_BY: dict[str, frozenset[str]] = {

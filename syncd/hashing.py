@@ -248,7 +248,8 @@ async def _hash_one(
     key = cand.key
     entry = manifest.get(key)
     seen = statkey(cand.stat)
-    if entry is not None and not needs_hash(entry.stat, entry.state, seen):
+    # A path whose source after_sync removed holds a new file, whatever its stat: always read it.
+    if entry is not None and entry.source is None and not needs_hash(entry.stat, entry.state, seen):
         if entry.missing_since is not None:
             manifest.clear_missing(key)
         if entry.state in (State.QUEUED, State.UPLOADING):

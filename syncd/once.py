@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from pydantic import SecretStr
 
 from syncd import logs
 from syncd.api import FilesClient
@@ -55,6 +56,9 @@ def _summary_code(run: Run) -> int:
         unreadable=c.unreadable,
         deleted=c.deleted,
         bytes_uploaded=c.bytes_uploaded,
+        hooks_ran=c.hooks_ran,
+        hooks_failed=c.hooks_failed,
+        sources_removed=c.sources_removed,
         **{f"rows_{k.value}": v for k, v in counts.items() if v},
     )
     # Rows of roots no longer configured are history, not this pass's problem.
@@ -68,7 +72,17 @@ def _summary_code(run: Run) -> int:
         log.error("not synced", path=entry.relpath, state=entry.state.value, error=entry.last_error)
     for root, reason in run.roots.held.items():
         log.error("root not synced", root=root, reason=reason)
-    problems = len(stuck) + c.changed + c.unreadable + c.walk_errors + c.crashed + len(run.roots.held)
+    if c.hooks_failed:
+        log.error("hooks failed; the next pass (or the daemon) retries them", failed=c.hooks_failed)
+    problems = (
+        len(stuck)
+        + c.changed
+        + c.unreadable
+        + c.walk_errors
+        + c.crashed
+        + len(run.roots.held)
+        + c.hooks_failed
+    )
     return 1 if problems else 0
 
 
@@ -104,7 +118,15 @@ def _locked(
 
 async def _sync_once(config: Config, manifest: Manifest, key: str, *, progress: bool) -> int:
     async with make_client(config, config.remote.base_url, key) as client:
-        run = Run(config, manifest, client, RootTable(build_roots(config), manifest), Counters())
+        run = Run(
+            config,
+            manifest,
+            client,
+            RootTable(build_roots(config), manifest),
+            Counters(),
+            base_url=config.remote.base_url,
+            api_key=SecretStr(key),
+        )
         if not progress:
             return await sync_pass(run)
         from syncd.progress import show_progress
@@ -159,7 +181,14 @@ async def _reconcile_once(config: Config, manifest: Manifest, key: str, *, confi
 
     async with make_client(config, config.remote.base_url, key) as client:
         roots = RootTable(build_roots(config), manifest, confirm=confirm)
-        code = await sync_pass(Run(config, manifest, client, roots, Counters()))
+
+        def fresh() -> Run:
+            secret = SecretStr(key)
+            return Run(
+                config, manifest, client, roots, Counters(), base_url=config.remote.base_url, api_key=secret
+            )
+
+        code = await sync_pass(fresh())
         report = await reconcile(
             manifest,
             client,
@@ -170,7 +199,7 @@ async def _reconcile_once(config: Config, manifest: Manifest, key: str, *, confi
         )
         if report.requeued:
             # Remote copies that vanished behind our back: upload them again in this same run.
-            again = await sync_pass(Run(config, manifest, client, roots, Counters()))
+            again = await sync_pass(fresh())
             code = max(code, again)
         return max(code, report.exit_code)
 

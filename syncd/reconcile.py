@@ -30,6 +30,10 @@ Choices (design §4 is silent on them), and why:
   ``expired`` (a crash between the delete and the commit must not re-upload it).
 - **Concurrency with the pipeline.** Rows synced after the listing began (``updated_at > now``) are not
   judged against it, and before each delete the live reference count is read again.
+- **after_sync.** A source that after_sync deleted or moved is not a local delete: its row stays
+  ``synced`` and its remote file counts as referenced (``OwnedRemote.refs``) even once a new file took
+  over the path, so it is never pruned as deleted or as an old version (retention still applies); a
+  vanished remote copy of it is not re-uploaded (there is nothing local to upload).
 """
 
 from __future__ import annotations
@@ -299,7 +303,8 @@ def plan_reconcile(
         else:
             actions.append(Prune(rid, Why.DELETED, rid in listing, remove=remove))
     for rid, entry_group in sorted(synced.items()):
-        present = tuple(e for e in entry_group if e.missing_since is None)
+        # A source after_sync removed is not uploaded again: there is nothing local to upload.
+        present = tuple(e for e in entry_group if e.missing_since is None and e.source is None)
         if present:
             actions.append(Requeue(rid, present, forget=rid in owned))
     for rid, remote in owned.items():  # entries of the ledger no row mentions
@@ -421,8 +426,8 @@ def observe_local(roots: Sequence[Root], reader: ManifestReader, *, now: float) 
             return rules.accepts(relpath, 0) is None
 
         for entry in reader.iter_root(record.root_id):
-            if entry.state is not State.SYNCED or entry.relpath in seen:
-                continue
+            if entry.state is not State.SYNCED or entry.source is not None or entry.relpath in seen:
+                continue  # a source after_sync removed is not a local delete
             # As the sync pass decides: unreadable is not gone, and excluded by the rules is not deleted.
             if not counts_as_missing(
                 entry.relpath, recursive=root.watch.recursive, accepted=kept, unreadable=unreadable

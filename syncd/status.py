@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from syncd import hooks
 from syncd.config import Config
 from syncd.manifest import Entry, ManifestMissing, ManifestReader, SchemaMismatch, State
 from syncd.reconcile import NOTE_HELD, held_guards
@@ -51,7 +52,9 @@ def collect(config: Config) -> dict[str, Any]:
     try:
         reader = ManifestReader.open_readonly(state_dir)
     except (ManifestMissing, SchemaMismatch) as exc:
-        report.update(counts={}, bytes_queued=0, last_errors=[], notes={}, held=[], recent=[], failed=[])
+        report.update(
+            counts={}, bytes_queued=0, last_errors=[], notes={}, held=[], recent=[], failed=[], hooks=[]
+        )
         if isinstance(exc, SchemaMismatch):
             report["notes"] = {"manifest": str(exc)}
         report["roots"] = _roots(config, {}, report["notes"])
@@ -77,6 +80,7 @@ def collect(config: Config) -> dict[str, Any]:
             _file(e, paths) | {"purpose": e.purpose, "reason": e.last_error, "advice": advice(e.last_error)}
             for e in reader.newest_in_state(State.FAILED, FAILED_LISTED)
         ]
+        report["hooks"] = hooks.status(reader, hooks.compile_hooks(config))
     return report
 
 
@@ -132,3 +136,10 @@ def render(report: dict[str, Any]) -> None:
         typer.echo(f"root {root['path']}: {root['files']} files")
     for err in report["last_errors"]:
         typer.echo(f"error: {err['path']} ({err['state']}): {err['error']}")
+    for hook in report.get("hooks", []):
+        typer.echo(
+            f"hook {hook['name']} ({hook['id']}, {hook['watch']}): {hook['done']} done, {hook['pending']}"
+            f" pending, {hook['failing']} failing, {hook['failures']} failed attempts"
+        )
+        if hook["last_error"]:
+            typer.echo(f"  last error: {hook['last_error_path']}: {hook['last_error']}")

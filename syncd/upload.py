@@ -1,9 +1,11 @@
 """The upload stage: the manifest's own remote ids, then the remote cache, then a recorded-intent upload.
 
 Decisions come from `syncd.plan`; this module performs them against the manifest and the API client.
-Its input is a `JobQueue` (a row is never queued twice), its outputs are the manifest's rows and
-``resettle(key)`` for a file that changed under an upload. A row is never sent before its
-``next_attempt_at`` (``due``): backoff and a server's ``Retry-After`` are honoured whoever submits it.
+Its input is a `JobQueue` (a row is never queued twice), its outputs are the manifest's rows,
+``resettle(key)`` for a file that changed under an upload, and ``synced(SyncedFile)`` for each row it
+marked synced (the hook and after_sync stages' cue: a call that returns at once, never a wait). A row
+is never sent before its ``next_attempt_at`` (``due``): backoff and a server's ``Retry-After`` are
+honoured whoever submits it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from syncd.api import ApiError, AuthError, FileResponse, FilesClient, SourceChan
 from syncd.api.client import Throttle
 from syncd.counters import Counters
 from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, State
-from syncd.plan import ErrorKind, Failed, Reuse, UploadJob, on_upload_error, resolve, retry_delay
+from syncd.plan import (
+    ErrorKind,
+    Failed,
+    Reuse,
+    SyncedFile,
+    UploadJob,
+    on_upload_error,
+    resolve,
+    retry_delay,
+)
 from syncd.supervise import Gate, supervised
 
 log = structlog.get_logger("syncd.upload")
@@ -79,11 +90,12 @@ async def sync_job(
     intent_window: float = 0.0,
     counters: Counters | None = None,
     throttle: Throttle | None = None,
+    synced: Callable[[SyncedFile], None] | None = None,
 ) -> Outcome:
     """Give one queued row a remote file: reuse one if any exists for (md5, purpose), else upload.
 
     ``intent_window`` is how long an upload may take at most (all attempts): it bounds which remote files
-    created after a crash's recorded intent can be ours.
+    created after a crash's recorded intent can be ours. ``synced`` hears of the row once it is synced.
     """
     counters = counters if counters is not None else Counters()
     ledger = _Ledger(manifest)
@@ -109,6 +121,9 @@ async def sync_job(
             remote_created_at=decision.created_at,
         ):
             return Outcome.STALE
+        if synced is not None:
+            public_url = hit.public_url if hit is not None and hit.id == decision.remote_id else None
+            synced(SyncedFile(job.key, job.md5, job.purpose, decision.remote_id, job.stat.size, public_url))
         via = (
             "local" if decision.source == "manifest" else "listing" if remote_index is not None else "lookup"
         )
@@ -123,7 +138,13 @@ async def sync_job(
         counters.hits[via] += 1
         return Outcome.REUSED
     return await _upload(
-        job, manifest=manifest, client=client, clock=clock, counters=counters, throttle=throttle
+        job,
+        manifest=manifest,
+        client=client,
+        clock=clock,
+        counters=counters,
+        throttle=throttle,
+        synced=synced,
     )
 
 
@@ -135,6 +156,7 @@ async def _upload(
     clock: Callable[[], float],
     counters: Counters,
     throttle: Throttle | None,
+    synced: Callable[[SyncedFile], None] | None,
 ) -> Outcome:
     if not manifest.mark_uploading(job.key, md5=job.md5):
         return Outcome.STALE
@@ -186,7 +208,11 @@ async def _upload(
         bytes=response.bytes,
         purpose=job.purpose,
     )
-    return Outcome.UPLOADED if marked else Outcome.STALE
+    if not marked:
+        return Outcome.STALE
+    if synced is not None:
+        synced(SyncedFile(job.key, job.md5, job.purpose, response.id, response.bytes, response.public_url))
+    return Outcome.UPLOADED
 
 
 def failure_kind(exc: ApiError) -> str:
@@ -356,6 +382,7 @@ async def run(
     concurrency: Callable[[], int],
     observe: Callable[[float, float, Literal["ok", "overload"]], None],
     gate: Gate | None,
+    synced: Callable[[SyncedFile], None],
     throttle: Throttle | None = None,
 ) -> None:
     """Jobs in until ``None``, up to ``concurrency()`` at once; each row ends synced, failed or scheduled.
@@ -405,6 +432,7 @@ async def run(
                 intent_window=client.longest_upload(job.stat.size),
                 counters=counters,
                 throttle=throttle,
+                synced=synced,
             )
         finally:
             counters.in_flight -= 1

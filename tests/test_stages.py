@@ -106,6 +106,7 @@ class UploadStage:
                 concurrency=lambda: 4,
                 observe=lambda now, latency, outcome: None,
                 gate=None,
+                synced=lambda done: None,
             )
         )
 
