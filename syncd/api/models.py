@@ -7,9 +7,9 @@ optional ones (``md5``) are how syncd notices an extension before it relies on i
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 Purpose = Literal[
     "fine-tune",
@@ -40,14 +40,23 @@ class FileResponse(_Wire):
 
 class PresignedUrlRequest(_Wire):
     filename: str = Field(min_length=1, max_length=1024)
-    purpose: Purpose = "assistants"
-    expiration: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    purpose: Annotated[
+        Purpose,
+        WithJsonSchema({"anyOf": [{"type": "string", "enum": list(PURPOSES)}, {"type": "null"}]}),
+    ] = "assistants"
+    expiration: int | None = Field(default=None, ge=1, le=7 * 24 * 3600, strict=True)
 
     @field_validator("purpose", mode="before")
     @classmethod
     def _null_purpose(cls, value: object) -> object:
         """The SDK's ``generate_presigned_url`` sends ``"purpose": null``; read it as the default."""
         return "assistants" if value is None else value
+
+    @field_validator("expiration", mode="before")
+    @classmethod
+    def _integral(cls, value: object) -> object:
+        """JSON Schema counts ``60.0`` as an integer; strict mode still refuses ``true`` and ``"60"``."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 class PresignedUrlResponse(_Wire):

@@ -1,0 +1,86 @@
+"""Schemathesis against the reference server: no 5xx, every answer documented and matching its schema.
+
+The server serves no ``/openapi.json`` (it would be a route without authentication), so the schema is
+built in-process from the same ``create_app`` the server runs, and every request goes to a real server on
+127.0.0.1. CI runs a fixed, derandomized sample; ``HYPOTHESIS_PROFILE=soak`` (``make soak``) lets the
+profile's example counts and fresh randomness apply instead.
+
+What a schema cannot describe (a multipart part's own headers, a presigned URL's signed query) is
+generated here with hypothesis, and the answers are still judged by schemathesis' checks.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import settings
+from inprocess import openapi_of, routes_of
+from schemathesis import Case
+
+from syncd.server import RunningServer, ServerSettings, running_server
+
+API_KEY = secrets.token_urlsafe(16)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SOAK = settings.get_current_profile_name() == "soak"
+CI_EXAMPLES = 25
+"""Generated cases per operation in CI, on top of schemathesis' own coverage and example cases."""
+CI_RUN = settings(max_examples=CI_EXAMPLES, stateful_step_count=10, derandomize=True, deadline=None)
+"""The hypothesis settings of this module's own properties in CI; under soak the profile's apply."""
+SETTINGS = ServerSettings(data_dir=Path("unused"), api_key=API_KEY)
+"""The fuzzed server's settings but for its data dir (the fixture's own)."""
+SCHEMA = schemathesis.openapi.from_dict(openapi_of(SETTINGS))
+SCHEMA.config.update(headers=AUTH)
+SCHEMA.config.generation.update(max_examples=None if SOAK else CI_EXAMPLES, deterministic=not SOAK)
+if not SOAK:
+    SCHEMA.config.seed = 20260519
+
+
+def ours(run: settings) -> settings:
+    """``run`` in CI; the loaded profile (soak) otherwise."""
+    return settings() if SOAK else run
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    data_dir = tmp_path_factory.mktemp("fuzz-data")
+    with running_server(ServerSettings(**{**vars(SETTINGS), "data_dir": data_dir, "port": 0})) as server:
+        yield server
+
+
+def origin(server: RunningServer) -> str:
+    """The schema's paths start with ``/v1``; the base URL ends with it."""
+    return server.base_url.removesuffix("/v1")
+
+
+def conforms(
+    server: RunningServer, method: str, path: str, *, key: bool = True, **parts: Any
+) -> schemathesis.Response:
+    """Send one hand-made request of a documented operation and run every schemathesis check on it;
+    ``key=False`` sends no API key, as the SDK does on a presigned PUT."""
+    case = SCHEMA[path][method].Case(**parts)
+    return case.call_and_validate(base_url=origin(server), headers=AUTH if key else None, timeout=30)
+
+
+@SCHEMA.parametrize()
+def test_every_operation_conforms(case: Case[Any], fuzzed_server: RunningServer) -> None:
+    case.call_and_validate(base_url=origin(fuzzed_server), timeout=30)
+
+
+def test_method_not_allowed_lists_every_method_of_the_path(fuzzed_server: RunningServer) -> None:
+    """``Allow`` on a 405 names all the path's methods (RFC 9110), though each method is its own route."""
+    by_path: dict[str, set[str]] = {}
+    for method, path in routes_of(SETTINGS):
+        by_path.setdefault(path, set()).add(method)
+    with httpx.Client(base_url=origin(fuzzed_server), headers=AUTH, timeout=30) as http:
+        for path, methods in by_path.items():
+            concrete = path.replace("{file_id}", "file-x").replace("{md5}", "0" * 32)
+            for probe in ("OPTIONS", "PATCH"):
+                answer = http.request(probe, concrete)
+                assert answer.status_code == 405, (probe, path)
+                assert set(answer.headers["allow"].split(", ")) == methods, (probe, path)
