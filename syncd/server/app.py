@@ -48,6 +48,9 @@ DEFAULT_EXPIRATION = 24 * 3600
 _OCTET = "application/octet-stream"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_MAX_SKIP = 2**63 - 1
+"""SQLite's largest INTEGER: a larger OFFSET cannot be bound (it raised OverflowError, a 500)."""
+
 _WHY = {
     400: "malformed or truncated request body (multipart, or JSON that is not UTF-8)",
     401: "missing or invalid API key",
@@ -388,7 +391,7 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
     @router.get("/files", responses=documented({"model": list[FileResponse]}, 401, 422))
     async def list_files(
         request: Request,
-        skip: int = Query(0, ge=0),
+        skip: int = Query(0, ge=0, le=_MAX_SKIP),
         limit: int = Query(10, ge=1, le=1000),
         purpose: str | None = purpose_filter,
     ) -> Response:
