@@ -23,7 +23,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from inprocess import openapi_of, routes_of
 from schemathesis import Case
-from schemathesis.specs.openapi.checks import ensure_resource_availability
+from schemathesis.specs.openapi.checks import ensure_resource_availability, response_schema_conformance
 
 from syncd.server import RunningServer, ServerSettings, running_server
 
@@ -136,3 +136,92 @@ def test_workflows_conform(fuzzed_server: RunningServer) -> None:
 def test_any_listing_offset_is_answered(fuzzed_server: RunningServer, skip: int, limit: int) -> None:
     """Offsets past SQLite's 64-bit INTEGER are valid to the schema's ``minimum: 0`` as well."""
     conforms(fuzzed_server, "GET", "/v1/files", query={"skip": skip, "limit": limit})
+
+
+def served(server: RunningServer, path: str, **parts: Any) -> bytes:
+    """A file's bytes from a content route, checked like :func:`conforms` except for deserialising the
+    body: it is whatever was uploaded, typed however the client declared (``application/json`` or not)."""
+    case = SCHEMA[path]["GET"].Case(**parts)
+    response = case.call(base_url=origin(server), headers=AUTH, timeout=30)
+    case.validate_response(response, excluded_checks=[response_schema_conformance])
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+PART_HEADER = st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" not in b)
+"""A multipart part's header value: inside the body, so any byte but the line end reaches the server."""
+FIELD_VALUE = st.text(st.characters(codec="latin-1", exclude_categories=["Cc"]), max_size=40).map(
+    lambda s: s.strip().encode("latin-1")
+)
+"""An HTTP header value (RFC 9110 field-value): uvicorn answers anything else itself, before the app."""
+
+
+@ours(CI_RUN)
+@given(part_type=PART_HEADER, data=st.binary(max_size=64))
+@example(part_type=b"a/b; charset=\x01", data=b"x")
+@example(part_type=b"x", data=b"x")
+def test_any_declared_part_type_is_served_back_validly(
+    fuzzed_server: RunningServer, part_type: bytes, data: bytes
+) -> None:
+    """A part's ``Content-Type`` is the client's to choose; serving the file must still be valid HTTP."""
+    boundary = "fuzz-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="f.bin"\r\n'.encode()
+        + b"Content-Type: "
+        + part_type
+        + b"\r\n\r\n"
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    with httpx.Client(base_url=fuzzed_server.base_url, headers=AUTH, timeout=30) as http:
+        answer = http.post(
+            "/files", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
+    assert answer.status_code in (201, 400), answer.text
+    if answer.status_code != 201:
+        return
+    item = answer.json()
+    assert (
+        served(fuzzed_server, "/v1/files/{file_id}/content", path_parameters={"file_id": item["id"]}) == data
+    )
+    token = httpx.URL(item["public_url"]).params["token"]
+    public = served(
+        fuzzed_server, "/v1/public/{file_id}", path_parameters={"file_id": item["id"]}, query={"token": token}
+    )
+    assert public == data
+
+
+@ours(CI_RUN)
+@given(filename=st.text(min_size=1, max_size=80), put_type=FIELD_VALUE, data=st.binary(max_size=64))
+def test_any_presigned_put_is_answered_as_documented(
+    fuzzed_server: RunningServer, filename: str, put_type: bytes, data: bytes
+) -> None:
+    """The signed PUT with whatever ``Content-Type`` and filename: stored, verified and served validly."""
+    grant = conforms(
+        fuzzed_server,
+        "POST",
+        "/v1/files/presigned-url",
+        body={"filename": filename},
+        media_type="application/json",
+    )
+    if grant.status_code != 200:
+        return
+    url = httpx.URL(grant.json()["url"])
+    file_id = url.path.rsplit("/", 1)[-1]
+    put = conforms(
+        fuzzed_server,
+        "PUT",
+        "/v1/uploads/{file_id}",
+        key=False,
+        path_parameters={"file_id": file_id},
+        query=dict(url.params),
+        headers={"Content-Type": put_type.decode("latin-1")},
+        body=data,
+        media_type="application/octet-stream",
+    )
+    assert put.status_code == 200, put.text
+    verified = conforms(
+        fuzzed_server, "GET", "/v1/files/verify-upload/{file_id}", path_parameters={"file_id": file_id}
+    )
+    assert verified.json()["bytes"] == len(data)
+    assert served(fuzzed_server, "/v1/files/{file_id}/content", path_parameters={"file_id": file_id}) == data

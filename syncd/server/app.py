@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import mimetypes
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,6 +49,8 @@ DEFAULT_EXPIRATION = 24 * 3600
 _OCTET = "application/octet-stream"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+([ \t]*;[ -~]*)?", re.ASCII)
+"""A media type safe to send back as ``Content-Type``: ``type/subtype``, parameters of visible ASCII."""
 _MAX_SKIP = 2**63 - 1
 """SQLite's largest INTEGER: a larger OFFSET cannot be bound (it raised OverflowError, a 500)."""
 
@@ -298,8 +301,11 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
         return Response(to_wire(record, base_url(request)), status_code=status, media_type="application/json")
 
     def blob(record: FileRecord) -> Response:
+        """The stored bytes, typed as uploaded: the part's ``Content-Type`` is the client's text, and one
+        that is no valid header value (a control character) made uvicorn drop the connection."""
         path = store.blob_path(record.id)
-        return BlobResponse(path, media_type=record.content_type, filename=record.filename)
+        media_type = record.content_type if _MEDIA_TYPE.fullmatch(record.content_type) else _OCTET
+        return BlobResponse(path, media_type=media_type, filename=record.filename)
 
     def checked_purpose(purpose: str | None) -> str | None:
         """The purpose filter to apply (None = all); raises 422 for an unknown one."""
