@@ -30,7 +30,14 @@ from typing import Any, BinaryIO, Self, TypeVar
 import httpx
 import pydantic
 
-from syncd.api.errors import ApiError, NetworkError, NotFoundError, SourceChangedError, error_for_status
+from syncd.api.errors import (
+    ApiError,
+    InvalidResponseError,
+    NetworkError,
+    NotFoundError,
+    SourceChangedError,
+    error_for_status,
+)
 from syncd.api.models import FileResponse, PresignedUrlResponse
 from syncd.api.retry import RetryPolicy, call_with_retries, parse_retry_after
 
@@ -50,6 +57,12 @@ attempt therefore also gets a total deadline of ``timeout + size / FLOOR_THROUGH
 
 MAX_PAGE = 1000
 """Largest ``limit`` the API accepts (design §5)."""
+
+MAX_RESPONSE_BYTES = 16 << 20
+"""Largest answer read, counted after decoding: a full page of 1,000 files is about 300 KiB, and a broken
+or hostile server (or a compressed bomb) must not make the daemon buffer without bound."""
+MAX_ERROR_BODY = 64 << 10
+"""What is read of an error's body: its start is detail enough, and the status already says what happened."""
 
 _FILE_LIST = pydantic.TypeAdapter(list[FileResponse])
 
@@ -422,8 +435,9 @@ class FilesClient:
         )
         extra: dict[str, Any] = {} if authorize else {"auth": None}
         try:
-            async with asyncio.timeout(deadline):
-                response = await self._http.request(
+            async with (
+                asyncio.timeout(deadline),
+                self._http.stream(
                     method,
                     url,
                     params=params,
@@ -432,7 +446,9 @@ class FilesClient:
                     headers=headers,
                     timeout=httpx.Timeout(self._timeout, read=deadline),
                     **extra,
-                )
+                ) as streamed,
+            ):
+                response = await _read_capped(streamed)
         except TimeoutError as exc:
             raise NetworkError(f"{method} timed out after {deadline:.0f} s") from exc
         except httpx.TimeoutException as exc:
@@ -448,6 +464,39 @@ class FilesClient:
             _detail(response),
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
+
+
+async def _read_capped(response: httpx.Response) -> httpx.Response:
+    """``response`` with its body read, refusing a success over :data:`MAX_RESPONSE_BYTES` as soon as it
+    is known to be one (by ``Content-Length``, else by counting) instead of buffering it, and reading at most
+    :data:`MAX_ERROR_BODY` of an error. Counting decoded chunks works the same on every httpx transport."""
+    limit = MAX_RESPONSE_BYTES if response.is_success else MAX_ERROR_BODY
+    declared = response.headers.get("Content-Length", "")
+    if response.is_success and declared.isdigit() and int(declared) > limit:
+        raise InvalidResponseError(
+            f"response too large: {declared} bytes declared", status=response.status_code
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            if not response.is_success:
+                chunks.append(chunk[: len(chunk) - (size - limit)])
+                break
+            raise InvalidResponseError(
+                f"response too large: over {limit >> 20} MiB", status=response.status_code
+            )
+        chunks.append(chunk)
+    # Decoded already: the copy must not claim an encoding (or a length) its content no longer has.
+    headers = [
+        (name, value)
+        for name, value in response.headers.multi_items()
+        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(
+        response.status_code, headers=headers, content=b"".join(chunks), request=response.request
+    )
 
 
 def _describe(exc: Exception) -> str:
