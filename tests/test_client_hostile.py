@@ -10,6 +10,7 @@ The client runs with its default transport, whichever that is.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 import zlib
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from syncd.api import ApiError, FilesClient, InvalidResponseError, NetworkError
+from syncd.api import ApiError, FilesClient, InvalidResponseError, NetworkError, ServerError, ValidationError
 from syncd.api.client import MAX_RESPONSE_BYTES
 
 pytestmark = pytest.mark.anyio
@@ -105,6 +106,71 @@ def assert_clean(error: ApiError, expected: type[ApiError]) -> None:
     assert API_KEY not in error.detail
 
 
+# --- the server answers, but not with the API
+
+
+async def html_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: Exchange) -> None:
+    """A 200 page echoing the request, as debugging servers and some proxies do."""
+    body = b"<html>\n<pre>\n" + exchange.head + b"</pre>\n</html>\n"
+    await send(writer, exchange, answer("200 OK", body, "Content-Type: text/html"))
+
+
+async def wrong_types(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: Exchange) -> None:
+    body = json.dumps(
+        {"id": 7, "bytes": "many", "purpose": ["x"], "created_at": None, "echo": exchange.head.decode()}
+    )
+    await send(writer, exchange, answer("200 OK", body.encode(), "Content-Type: application/json"))
+
+
+def error_echo(status: str) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: Exchange) -> None:
+        body = (
+            b"<html><body>\n<h1>"
+            + status.encode()
+            + b"</h1>\n<pre>"
+            + exchange.head
+            + b"</pre>\n</body></html>"
+        )
+        await send(writer, exchange, answer(status, body, "Content-Type: text/html"))
+
+    return handler
+
+
+async def detail_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: Exchange) -> None:
+    body = json.dumps({"detail": "bad request\nyou sent:\n" + exchange.head.decode()}).encode()
+    await send(writer, exchange, answer("422 Unprocessable Content", body, "Content-Type: application/json"))
+
+
+@pytest.mark.parametrize(
+    ("handler", "expected"),
+    [
+        (html_echo, InvalidResponseError),
+        (wrong_types, InvalidResponseError),
+        (detail_echo, ValidationError),
+    ],
+    ids=["200-not-json", "200-wrong-types", "422-detail-echo"],
+)
+async def test_garbage_answers(handler: Handler, expected: type[ApiError]) -> None:
+    async with hostile(handler) as (base_url, exchanges), client(base_url) as files:
+        for call in (files.get("file-1"), files.list_page(), files.find_by_md5("0" * 32)):
+            with pytest.raises(ApiError) as caught:
+                await call
+            assert_clean(caught.value, expected)
+    assert all(API_KEY.encode() in exchange.head for exchange in exchanges), "the echo must hold the key"
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [("400 Bad Request", ValidationError), ("502 Bad Gateway", ServerError)],
+    ids=["400", "502"],
+)
+async def test_error_pages_echoing_the_request(status: str, expected: type[ApiError]) -> None:
+    async with hostile(error_echo(status)) as (base_url, _), client(base_url) as files:
+        with pytest.raises(ApiError) as caught:
+            await files.get("file-1")
+    assert_clean(caught.value, expected)
+
+
 # --- too much
 
 
@@ -119,6 +185,15 @@ async def endless_json(
     chunk = item * (CHUNK // len(item))
     while exchange.sent < HUGE:
         await send(writer, exchange, chunk)
+
+
+async def endless_error(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: Exchange
+) -> None:
+    """A 503 whose page never ends: the status is the answer, only the start of the page is read."""
+    await send(writer, exchange, b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n")
+    while exchange.sent < HUGE:
+        await send(writer, exchange, b"<p>busy</p>\n" * (CHUNK // 12))
 
 
 async def declared_huge(
@@ -146,8 +221,9 @@ async def gzip_bomb(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         (endless_json, InvalidResponseError),
         (declared_huge, InvalidResponseError),
         (gzip_bomb, InvalidResponseError),
+        (endless_error, ServerError),
     ],
-    ids=["endless", "declared", "gzip"],
+    ids=["endless", "declared", "gzip", "endless-error"],
 )
 async def test_huge_answer_is_refused_unbuffered(handler: Handler, expected: type[ApiError]) -> None:
     started = time.monotonic()

@@ -190,6 +190,7 @@ class FilesClient:
             raise ValueError("retries must not be negative")
         self._base_url = httpx.URL(base_url.rstrip("/") + "/")
         self._timeout = timeout
+        self._api_key = api_key
         self._presigned_threshold = presigned_threshold
         self._policy = RetryPolicy(
             attempts=retries + 1, base=backoff_base, cap=backoff_cap, max_retry_after=max_retry_after
@@ -221,6 +222,11 @@ class FilesClient:
     async def aclose(self) -> None:
         """Close pooled connections; the client cannot be used afterwards."""
         await self._http.aclose()
+
+    def _loggable(self, text: str) -> str:
+        """Server or transport text fit for one log line, without the API key: a server or proxy that
+        echoes the request (error pages often do) would otherwise put the key in our logs."""
+        return _one_line(text.replace(self._api_key, "[redacted]") if self._api_key else text)
 
     # -- public calls ------------------------------------------------------------------------------
 
@@ -265,7 +271,7 @@ class FilesClient:
         try:
             items = _FILE_LIST.validate_json(response.content)
         except pydantic.ValidationError as exc:
-            raise ApiError(f"unexpected list response: {exc}", status=response.status_code) from exc
+            raise _invalid("list", exc, response.status_code) from exc
         if items:
             self._noticed(items[0])
         return items
@@ -454,14 +460,14 @@ class FilesClient:
         except httpx.TimeoutException as exc:
             raise NetworkError(f"{method} timed out: {type(exc).__name__}") from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
-            raise NetworkError(f"{method} failed: {_describe(exc)}") from exc
+            raise NetworkError(f"{method} failed: {self._loggable(_describe(exc))}") from exc
         except httpx.HTTPError as exc:
-            raise ApiError(f"{method} failed: {_describe(exc)}") from exc
+            raise ApiError(f"{method} failed: {self._loggable(_describe(exc))}") from exc
         if response.is_success:
             return response
         raise error_for_status(
             response.status_code,
-            _detail(response),
+            self._loggable(_detail(response)),
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
 
@@ -499,6 +505,22 @@ async def _read_capped(response: httpx.Response) -> httpx.Response:
     )
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` as one bounded log line: whitespace (newlines included) collapsed, the rest cut off."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _invalid(what: str, exc: pydantic.ValidationError, status: int) -> InvalidResponseError:
+    """The first problems of an answer that is not the documented model, in one line and without the
+    offending values: a server that echoes the request would put the API key among them."""
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False, include_context=False)[:3]
+    )
+    return InvalidResponseError(_one_line(f"unexpected {what} response: {problems}"), status=status)
+
+
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} (connection closed)"
 
@@ -518,7 +540,7 @@ def _parse(model: type[M], response: httpx.Response) -> M:
     try:
         return model.model_validate_json(response.content)
     except pydantic.ValidationError as exc:
-        raise ApiError(f"unexpected {model.__name__} response: {exc}", status=response.status_code) from exc
+        raise _invalid(model.__name__, exc, response.status_code) from exc
 
 
 def _detail(response: httpx.Response) -> str:
