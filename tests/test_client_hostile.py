@@ -4,7 +4,7 @@ garbage, too much, too little, or nothing at all.
 Every case must end in exactly one clear :class:`ApiError` subclass whose message is one line and never
 holds the API key (messages go to logs; a server or proxy that echoes the request would put it there),
 and a huge answer must not be buffered: the server counts what it got to send before the client hung up.
-The client runs with its default transport, whichever that is.
+Every case runs on each transport the client offers (``[remote] transport``): the default and httpx's own.
 """
 
 from __future__ import annotations
@@ -20,7 +20,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from syncd.api import ApiError, FilesClient, InvalidResponseError, NetworkError, ServerError, ValidationError
+from syncd.api import (
+    TRANSPORTS,
+    ApiError,
+    FilesClient,
+    InvalidResponseError,
+    NetworkError,
+    ServerError,
+    TransportKind,
+    ValidationError,
+)
 from syncd.api.client import MAX_RESPONSE_BYTES
 
 pytestmark = pytest.mark.anyio
@@ -35,6 +44,12 @@ CHUNK = 64 * 2**10
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> TransportKind:
+    kind: TransportKind = request.param
+    return kind
 
 
 @dataclass
@@ -74,8 +89,8 @@ async def hostile(handler: Handler) -> AsyncIterator[tuple[str, list[Exchange]]]
         await server.wait_closed()
 
 
-def client(base_url: str) -> FilesClient:
-    return FilesClient(base_url=base_url, api_key=API_KEY, timeout=TIMEOUT, retries=0)
+def client(base_url: str, transport: TransportKind) -> FilesClient:
+    return FilesClient(base_url=base_url, api_key=API_KEY, timeout=TIMEOUT, retries=0, transport=transport)
 
 
 def answer(status: str, body: bytes, *headers: str) -> bytes:
@@ -150,8 +165,8 @@ async def detail_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ],
     ids=["200-not-json", "200-wrong-types", "422-detail-echo"],
 )
-async def test_garbage_answers(handler: Handler, expected: type[ApiError]) -> None:
-    async with hostile(handler) as (base_url, exchanges), client(base_url) as files:
+async def test_garbage_answers(handler: Handler, expected: type[ApiError], transport: TransportKind) -> None:
+    async with hostile(handler) as (base_url, exchanges), client(base_url, transport) as files:
         for call in (files.get("file-1"), files.list_page(), files.find_by_md5("0" * 32)):
             with pytest.raises(ApiError) as caught:
                 await call
@@ -164,8 +179,10 @@ async def test_garbage_answers(handler: Handler, expected: type[ApiError]) -> No
     [("400 Bad Request", ValidationError), ("502 Bad Gateway", ServerError)],
     ids=["400", "502"],
 )
-async def test_error_pages_echoing_the_request(status: str, expected: type[ApiError]) -> None:
-    async with hostile(error_echo(status)) as (base_url, _), client(base_url) as files:
+async def test_error_pages_echoing_the_request(
+    status: str, expected: type[ApiError], transport: TransportKind
+) -> None:
+    async with hostile(error_echo(status)) as (base_url, _), client(base_url, transport) as files:
         with pytest.raises(ApiError) as caught:
             await files.get("file-1")
     assert_clean(caught.value, expected)
@@ -225,9 +242,11 @@ async def gzip_bomb(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     ],
     ids=["endless", "declared", "gzip", "endless-error"],
 )
-async def test_huge_answer_is_refused_unbuffered(handler: Handler, expected: type[ApiError]) -> None:
+async def test_huge_answer_is_refused_unbuffered(
+    handler: Handler, expected: type[ApiError], transport: TransportKind
+) -> None:
     started = time.monotonic()
-    async with hostile(handler) as (base_url, exchanges), client(base_url) as files:
+    async with hostile(handler) as (base_url, exchanges), client(base_url, transport) as files:
         with pytest.raises(ApiError) as caught:
             await files.list_page()
     assert_clean(caught.value, expected)
@@ -273,9 +292,9 @@ async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, e
     [hang, stall_mid_body, close_mid_headers, truncated_body, not_http],
     ids=["hang", "stall-mid-body", "closed-mid-headers", "truncated-body", "not-http"],
 )
-async def test_broken_exchanges_are_network_errors(handler: Handler) -> None:
+async def test_broken_exchanges_are_network_errors(handler: Handler, transport: TransportKind) -> None:
     started = time.monotonic()
-    async with hostile(handler) as (base_url, _), client(base_url) as files:
+    async with hostile(handler) as (base_url, _), client(base_url, transport) as files:
         with pytest.raises(ApiError) as caught:
             await files.list_page()
     elapsed = time.monotonic() - started
