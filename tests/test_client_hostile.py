@@ -17,6 +17,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,7 @@ from syncd.api import (
     TransportKind,
     ValidationError,
 )
-from syncd.api.client import MAX_RESPONSE_BYTES
+from syncd.api.client import MAX_ERROR_BODY, MAX_RESPONSE_BYTES
 
 pytestmark = pytest.mark.anyio
 
@@ -255,6 +256,18 @@ async def test_huge_answer_is_refused_unbuffered(
     # The cap plus what the kernel's socket buffers hold: nowhere near everything.
     assert exchanges[0].sent < MAX_RESPONSE_BYTES + 32 * 2**20, exchanges[0].sent
     assert time.monotonic() - started < 30
+
+
+async def test_a_failed_download_reads_only_the_start_of_the_error(
+    transport: TransportKind, tmp_path: Path
+) -> None:
+    """The content route streams to a file, but an error's page is read into memory: only its start."""
+    async with hostile(endless_error) as (base_url, exchanges), client(base_url, transport) as files:
+        with pytest.raises(ApiError) as caught:
+            await files.download("file-1", dest=tmp_path / "out")
+    assert_clean(caught.value, ServerError)
+    assert exchanges[0].sent < MAX_ERROR_BODY + 32 * 2**20, exchanges[0].sent
+    assert await asyncio.to_thread(lambda: list(tmp_path.iterdir())) == [], "a failed download left a file"
 
 
 # --- too little, or nothing

@@ -539,8 +539,7 @@ class FilesClient:
             async with asyncio.timeout(self._timeout) as deadline:
                 async with self._http.stream("GET", url) as response:
                     if not response.is_success:
-                        await response.aread()
-                        raise _status_error(response, self._loggable)
+                        raise _status_error(await _read_capped(response), self._loggable)
                     length = response.headers.get("Content-Length")
                     expected = int(length) if length is not None and length.isdigit() else None
                     # Like an upload's: the header wait is bounded by ``timeout``, the body by its size too.
