@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ServerFactory, md5_of
-from inprocess import routes_of
+from inprocess import front_routes_of, routes_of
 
 from syncd.server import RunningServer, ServerSettings
 
@@ -85,10 +85,14 @@ def test_every_route_needs_the_key(server_factory: ServerFactory, public_only: b
     """Each route of the app (found by walking it, so a new one cannot be left out) answers 401 to every
     bad credential without running a handler, while the same GETs with the key succeed."""
     server = server_factory(public_only=public_only)
-    routes = routes_of(
-        ServerSettings(data_dir=server.data_dir, api_key=server.api_key, public_only=public_only)
-    )
+    settings = ServerSettings(data_dir=server.data_dir, api_key=server.api_key, public_only=public_only)
+    routes = routes_of(settings)
     assert routes >= EXEMPT, "a self-authorising route moved: update EXEMPT"
+    # The upload routes are answered by plain ASGI handlers ahead of FastAPI, still behind the key check:
+    # routes_of() includes them (it fails on one FastAPI does not also know), so they are checked here.
+    front = front_routes_of(settings)
+    assert front, "the upload routes are answered ahead of FastAPI: routes_of() must see them"
+    assert front <= routes
     guarded = sorted(routes - EXEMPT)
     assert len(guarded) == (8 if public_only else 9), guarded
     item = _upload(server)
