@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -10,14 +11,18 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from conftest import FakeClock, ServerFactory, free_port, wait_for
+from fastapi import FastAPI
 from hypothesis import given
 from hypothesis import strategies as st
+from inprocess import built_app, fastapi_of
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from syncd.server import RunningServer
+from syncd.server import RunningServer, ServerSettings
 from syncd.server.store import INLINE, PIECE
 from syncd.server.wire import safe_filename
 
@@ -391,6 +396,64 @@ def test_expired_presigned_url_is_rejected(server_factory: ServerFactory) -> Non
     assert "expired" in _detail(put)
     assert _detail(client.get(f"/files/verify-upload/{presigned['id']}")) == "file not found"
     assert client.get("/files").json() == []
+
+
+# --- the upload routes, ahead of FastAPI
+
+
+async def _both_uploads(app: ASGIApp) -> list[dict[str, Any]]:
+    """A direct upload and a presigned one (presign, PUT without a key, content) through ``app`` in-process;
+    the two FileResponses, with the per-file fields (id, times, URLs) left out."""
+    auth = {"Authorization": "Bearer k"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver/v1", headers=auth) as http:
+        grant = await http.post("/files/presigned-url", json={"filename": "put.bin"})
+        assert grant.status_code == 200, grant.text
+        direct = await http.post("/files", files={"file": ("direct.txt", b"direct bytes")})
+        assert direct.status_code == 201, direct.text
+        refused = await http.post("/files", content=b"not multipart")
+        assert refused.status_code == 400, refused.text
+        put = await http.put(grant.json()["url"], content=b"put bytes", headers={"Authorization": ""})
+        assert put.status_code == 200, put.text
+        items = [direct.json(), put.json()]
+        contents = [(await http.get(f"/files/{item['id']}/content")).content for item in items]
+    assert contents == [b"direct bytes", b"put bytes"]
+    return [{k: v for k, v in item.items() if k not in ("id", "created_at", "public_url")} for item in items]
+
+
+def test_upload_routes_are_answered_ahead_of_fastapi(tmp_path: Path) -> None:
+    """``POST /v1/files`` and ``PUT /v1/uploads/{id}`` never reach FastAPI, whose routing and dependency
+    solving cost more CPU per small upload than the upload itself; the other routes all do."""
+    with built_app(ServerSettings(data_dir=tmp_path, api_key="k")) as app:
+        front = next(layer for layer in _layers(app) if getattr(layer, "routes", None))
+        api = front.app
+        reached: list[tuple[str, str]] = []
+
+        async def watched(scope: Scope, receive: Receive, send: Send) -> None:
+            reached.append((scope["method"], scope["path"]))
+            await api(scope, receive, send)
+
+        front.app = watched
+        asyncio.run(_both_uploads(app))
+    assert [method for method, _ in reached] == ["POST", "GET", "GET"], reached
+    assert reached[0] == ("POST", "/v1/files/presigned-url")
+
+
+def test_fastapi_documentation_routes_serve_as_the_front_does(tmp_path: Path) -> None:
+    """FastAPI's routes for the two upload paths exist for the schema and a 405's ``Allow``; a request that
+    reaches one anyway is served by the same handler as through the front."""
+    with built_app(ServerSettings(data_dir=tmp_path / "front", api_key="k")) as app:
+        through_front = asyncio.run(_both_uploads(app))
+    with built_app(ServerSettings(data_dir=tmp_path / "api", api_key="k")) as app:
+        through_fastapi = asyncio.run(_both_uploads(fastapi_of(app)))
+    assert through_fastapi == through_front
+
+
+def _layers(app: Any) -> Iterator[Any]:
+    """``create_app``'s ASGI layers above the FastAPI app, outermost first."""
+    while not isinstance(app, FastAPI):
+        yield app
+        app = app.app
 
 
 # --- faults and latency

@@ -4,6 +4,7 @@ from syncd.api.client import FilesClient
 from syncd.api.errors import (
     ApiError,
     AuthError,
+    InvalidResponseError,
     NetworkError,
     NotFoundError,
     RateLimitedError,
@@ -32,6 +33,7 @@ __all__ = [
     "ErrorDetail",
     "FileResponse",
     "FilesClient",
+    "InvalidResponseError",
     "NetworkError",
     "NotFoundError",
     "PresignedUrlRequest",

@@ -33,7 +33,14 @@ from typing import Any, BinaryIO, Self, TypeVar
 import httpx
 import pydantic
 
-from syncd.api.errors import ApiError, NetworkError, NotFoundError, SourceChangedError, error_for_status
+from syncd.api.errors import (
+    ApiError,
+    InvalidResponseError,
+    NetworkError,
+    NotFoundError,
+    SourceChangedError,
+    error_for_status,
+)
 from syncd.api.models import FileResponse, PresignedUrlResponse
 from syncd.api.retry import MAX_RETRY_AFTER_SECONDS, RetryPolicy, call_with_retries, parse_retry_after
 from syncd.api.transport import TransportKind, make_transport
@@ -58,6 +65,12 @@ attempt therefore also gets a total deadline of ``timeout + size / FLOOR_THROUGH
 
 MAX_PAGE = 1000
 """Largest ``limit`` the API accepts (design §5)."""
+
+MAX_RESPONSE_BYTES = 16 << 20
+"""Largest answer read, counted after decoding: a full page of 1,000 files is about 300 KiB, and a broken
+or hostile server (or a compressed bomb) must not make the daemon buffer without bound."""
+MAX_ERROR_BODY = 64 << 10
+"""What is read of an error's body: its start is detail enough, and the status already says what happened."""
 
 _FILE_LIST = pydantic.TypeAdapter(list[FileResponse])
 
@@ -199,6 +212,7 @@ class FilesClient:
         self._base_url = httpx.URL(base_url.rstrip("/") + "/")
         self._timeout = timeout
         self._floor = floor_throughput
+        self._api_key = api_key
         self._presigned_threshold = presigned_threshold
         self._policy = RetryPolicy(
             attempts=retries + 1, base=backoff_base, cap=backoff_cap, max_retry_after=max_retry_after
@@ -247,6 +261,11 @@ class FilesClient:
     async def aclose(self) -> None:
         """Close pooled connections; the client cannot be used afterwards."""
         await self._http.aclose()
+
+    def _loggable(self, text: str) -> str:
+        """Server or transport text fit for one log line, without the API key: a server or proxy that
+        echoes the request (error pages often do) would otherwise put the key in our logs."""
+        return _one_line(text.replace(self._api_key, "[redacted]") if self._api_key else text)
 
     # -- public calls ------------------------------------------------------------------------------
 
@@ -311,7 +330,7 @@ class FilesClient:
         try:
             items = _FILE_LIST.validate_json(response.content)
         except pydantic.ValidationError as exc:
-            raise ApiError(f"unexpected list response: {exc}", status=response.status_code) from exc
+            raise _invalid("list", exc, response.status_code) from exc
         if items:
             self._noticed(items[0])
         return items
@@ -512,9 +531,10 @@ class FilesClient:
             else None
         )
         extra: dict[str, Any] = {} if authorize else {"auth": None}
-        with _mapped_errors(method, deadline):
-            async with asyncio.timeout(deadline):
-                response = await self._http.request(
+        with _mapped_errors(method, deadline, self._loggable):
+            async with (
+                asyncio.timeout(deadline),
+                self._http.stream(
                     method,
                     url,
                     json=json,
@@ -522,10 +542,12 @@ class FilesClient:
                     headers=headers,
                     timeout=httpx.Timeout(self._timeout, read=deadline),
                     **extra,
-                )
+                ) as streamed,
+            ):
+                response = await _read_capped(streamed)
         if response.is_success:
             return response
-        raise _status_error(response)
+        raise _status_error(response, self._loggable)
 
     async def _receive(self, url: str, dest: Path) -> int:
         """One attempt of :meth:`download`: stream into a fresh temporary file beside ``dest``, then rename.
@@ -549,12 +571,11 @@ class FilesClient:
     async def _stream_into(self, url: str, out: BinaryIO) -> int:
         loop = asyncio.get_running_loop()
         written = 0
-        with _mapped_errors("GET", self._timeout):
+        with _mapped_errors("GET", self._timeout, self._loggable):
             async with asyncio.timeout(self._timeout) as deadline:
                 async with self._http.stream("GET", url) as response:
                     if not response.is_success:
-                        await response.aread()
-                        raise _status_error(response)
+                        raise _status_error(await _read_capped(response), self._loggable)
                     length = response.headers.get("Content-Length")
                     expected = int(length) if length is not None and length.isdigit() else None
                     # Like an upload's: the header wait is bounded by ``timeout``, the body by its size too.
@@ -569,8 +590,9 @@ class FilesClient:
 
 
 @contextmanager
-def _mapped_errors(method: str, deadline: float) -> Iterator[None]:
-    """Turn timeouts and httpx exceptions into :mod:`syncd.api.errors`, so httpx types stay in here."""
+def _mapped_errors(method: str, deadline: float, clean: Callable[[str], str]) -> Iterator[None]:
+    """Turn timeouts and httpx exceptions into :mod:`syncd.api.errors`, so httpx types stay in here;
+    ``clean`` makes a message one loggable line with no secret in it."""
     try:
         yield
     except TimeoutError as exc:
@@ -578,17 +600,66 @@ def _mapped_errors(method: str, deadline: float) -> Iterator[None]:
     except httpx.TimeoutException as exc:
         raise NetworkError(f"{method} timed out: {type(exc).__name__}") from exc
     except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
-        raise NetworkError(f"{method} failed: {_describe(exc)}") from exc
+        raise NetworkError(f"{method} failed: {clean(_describe(exc))}") from exc
     except httpx.HTTPError as exc:
-        raise ApiError(f"{method} failed: {_describe(exc)}") from exc
+        raise ApiError(f"{method} failed: {clean(_describe(exc))}") from exc
 
 
-def _status_error(response: httpx.Response) -> ApiError:
+def _status_error(response: httpx.Response, clean: Callable[[str], str]) -> ApiError:
     return error_for_status(
         response.status_code,
-        _detail(response),
+        clean(_detail(response)),
         retry_after=parse_retry_after(response.headers.get("Retry-After")),
     )
+
+
+async def _read_capped(response: httpx.Response) -> httpx.Response:
+    """``response`` with its body read, refusing a success over :data:`MAX_RESPONSE_BYTES` as soon as it
+    is known to be one (by ``Content-Length``, else by counting) instead of buffering it, and reading at most
+    :data:`MAX_ERROR_BODY` of an error. Counting decoded chunks works the same on every httpx transport."""
+    limit = MAX_RESPONSE_BYTES if response.is_success else MAX_ERROR_BODY
+    declared = response.headers.get("Content-Length", "")
+    if response.is_success and declared.isdigit() and int(declared) > limit:
+        raise InvalidResponseError(
+            f"response too large: {declared} bytes declared", status=response.status_code
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            if not response.is_success:
+                chunks.append(chunk[: len(chunk) - (size - limit)])
+                break
+            raise InvalidResponseError(
+                f"response too large: over {limit >> 20} MiB", status=response.status_code
+            )
+        chunks.append(chunk)
+    # Decoded already: the copy must not claim an encoding (or a length) its content no longer has.
+    headers = [
+        (name, value)
+        for name, value in response.headers.multi_items()
+        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(
+        response.status_code, headers=headers, content=b"".join(chunks), request=response.request
+    )
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` as one bounded log line: whitespace (newlines included) collapsed, the rest cut off."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _invalid(what: str, exc: pydantic.ValidationError, status: int) -> InvalidResponseError:
+    """The first problems of an answer that is not the documented model, in one line and without the
+    offending values: a server that echoes the request would put the API key among them."""
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False, include_context=False)[:3]
+    )
+    return InvalidResponseError(_one_line(f"unexpected {what} response: {problems}"), status=status)
 
 
 def _describe(exc: Exception) -> str:
@@ -610,7 +681,7 @@ def _parse(model: type[M], response: httpx.Response) -> M:
     try:
         return model.model_validate_json(response.content)
     except pydantic.ValidationError as exc:
-        raise ApiError(f"unexpected {model.__name__} response: {exc}", status=response.status_code) from exc
+        raise _invalid(model.__name__, exc, response.status_code) from exc
 
 
 def _detail(response: httpx.Response) -> str:

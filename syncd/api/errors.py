@@ -72,6 +72,14 @@ class NetworkError(ApiError):
     retryable = True
 
 
+class InvalidResponseError(ApiError):
+    """The server answered, but not as the API documents: not JSON, wrong types, or too large to read.
+
+    Neither retryable nor permanent: a server (or a proxy before it) that answers garbage is misconfigured,
+    and the same request need not be wrong elsewhere.
+    """
+
+
 class SourceChangedError(Exception):
     """The local file changed size or mtime while it was being sent, so the upload was aborted.
 

@@ -14,8 +14,9 @@ Choices where the contract leaves room:
 - Handlers are ``async`` and do their small SQLite and file writes inline on the event loop: for many
   small uploads a thread hop per request costs more than the I/O itself. Bodies bigger than a
   :data:`~syncd.server.store.PIECE` are hashed and written piece by piece in a worker thread instead.
-- The two upload routes are plain ASGI handlers in front of FastAPI (:class:`_UploadRoutes`); another
-  method on their paths is FastAPI's to answer, as for any route it does not know.
+- The two upload routes are plain ASGI handlers in front of FastAPI (:class:`_UploadRoutes`). FastAPI has
+  them too, as documentation routes: they put them in the OpenAPI schema and in a 405's ``Allow`` (another
+  method on their paths is FastAPI's to answer), and pass a request that reaches them to the same handlers.
 """
 
 from __future__ import annotations
@@ -23,19 +24,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 import mimetypes
+import re
 import urllib.parse
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse as BlobResponse
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from syncd.api.models import PURPOSES, FileResponse, PresignedUrlRequest, PresignedUrlResponse
+from syncd.api.models import PURPOSES, ErrorDetail, FileResponse, PresignedUrlRequest, PresignedUrlResponse
 from syncd.server.faults import FaultInjector, Latency
 from syncd.server.settings import ServerSettings, is_rejected_type
 from syncd.server.stats import ServerStats
@@ -50,6 +54,54 @@ UPLOADS_PREFIX = "/v1/uploads/"
 _OCTET = "application/octet-stream"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+([ \t]*;[ -~]*)?", re.ASCII)
+"""A media type safe to send back as ``Content-Type``: ``type/subtype``, parameters of visible ASCII."""
+_MAX_SKIP = 2**63 - 1
+"""SQLite's largest INTEGER: a larger OFFSET cannot be bound (it raised OverflowError, a 500)."""
+
+_WHY = {
+    400: "malformed or truncated request body (multipart, or JSON that is not UTF-8)",
+    401: "missing or invalid API key",
+    403: "invalid or expired upload token",
+    404: "no such file",
+    409: "already uploaded, or an upload to this URL is in progress",
+    413: "the file exceeds the server's --max-bytes",
+    415: "the file type is refused by --reject-types",
+    422: "invalid parameters or body",
+    429: "injected fault (--fault-kinds 429), with Retry-After",
+    500: "injected fault (--fault-kinds 500)",
+    503: "injected fault (--fault-kinds 503)",
+}
+_BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
+_UPLOAD_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "purpose",
+            "in": "query",
+            "schema": {"type": "string", "enum": list(PURPOSES), "default": "assistants"},
+        },
+        {"name": "generate_public_url", "in": "query", "schema": {"type": "boolean", "default": True}},
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}
+            }
+        },
+    },
+}
+_PUT_DOC: dict[str, Any] = {
+    "parameters": [
+        {"name": "expires", "in": "query", "required": True, "schema": {"type": "string"}},
+        {"name": "token", "in": "query", "required": True, "schema": {"type": "string"}},
+    ],
+    "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": _BINARY}}},
+}
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
 
 
 class Signer:
@@ -240,6 +292,26 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
     limit = drain_limit(settings.max_bytes)
     receiving: set[str] = set()
     router = APIRouter(prefix="/v1")
+    injected = tuple(int(k) for k in settings.fault_kinds if k.isdigit()) if settings.fault_rate > 0 else ()
+    purpose_filter: Any = Query(
+        None, include_in_schema=not settings.public_only, json_schema_extra={"enum": list(PURPOSES)}
+    )
+
+    def documented(
+        ok: dict[str, Any], *errors: int, code: int = 200, faults: bool = True
+    ) -> dict[int | str, dict[str, Any]]:
+        """A route's ``responses=``: its success and every error it can answer (each ``{"detail": ...}``),
+        so that the OpenAPI schema (``app.openapi()``) says what the server really does."""
+        docs: dict[int | str, dict[str, Any]] = {code: ok}
+        for status in sorted({*errors, *(injected if faults else ())}):
+            docs[status] = {"model": ErrorDetail, "description": _WHY[status]}
+        return docs
+
+    file_doc: dict[str, Any] = {"model": FileResponse}
+    blob_doc: dict[str, Any] = {
+        "description": "the file's bytes, as the type it was uploaded with",
+        "content": {"*/*": {"schema": _BINARY}},
+    }
 
     def error(status: int, detail: str, *, close: bool = False) -> JSONResponse:
         headers = {"Connection": "close"} if close else None
@@ -266,8 +338,11 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
         return Response(body, status_code=status, media_type="application/json")
 
     def blob(record: FileRecord) -> Response:
+        """The stored bytes, typed as uploaded: the part's ``Content-Type`` is the client's text, and one
+        that is no valid header value (a control character) made uvicorn drop the connection."""
         path = store.blob_path(record.id)
-        return BlobResponse(path, media_type=record.content_type, filename=record.filename)
+        media_type = record.content_type if _MEDIA_TYPE.fullmatch(record.content_type) else _OCTET
+        return BlobResponse(path, media_type=media_type, filename=record.filename)
 
     def checked_purpose(purpose: str | None) -> str | None:
         """The purpose filter to apply (None = all); raises 422 for an unknown one."""
@@ -407,17 +482,31 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
             receiving.discard(file_id)
         await send_json(send, 200, to_wire(record, _base_url(scope)))
 
-    @router.get("/health")
+    # -- FastAPI's routes ------------------------------------------------------------------------------
+
+    @router.get("/health", responses=documented({"model": Health}, 401, faults=False))
     async def health() -> Response:
         stats.count("health")
         return Response(b'{"status":"ok"}', media_type="application/json")
 
-    @router.get("/files")
+    # The front answers these two before FastAPI sees them; FastAPI's copies document them in the schema,
+    # make its 405 name their methods, and would hand a request the front let through to the same handler.
+    @router.post(
+        "/files",
+        status_code=201,
+        responses=documented(file_doc, 400, 401, 413, 415, 422, code=201),
+        openapi_extra=_UPLOAD_DOC,
+        name="upload",
+    )
+    async def upload_route() -> Response:
+        return _Delegated(upload)
+
+    @router.get("/files", responses=documented({"model": list[FileResponse]}, 401, 422))
     async def list_files(
         request: Request,
-        skip: int = Query(0, ge=0),
+        skip: int = Query(0, ge=0, le=_MAX_SKIP),
         limit: int = Query(10, ge=1, le=1000),
-        purpose: str | None = None,
+        purpose: str | None = purpose_filter,
     ) -> Response:
         stats.count("lists")
         records = store.list_files(skip, limit, checked_purpose(purpose))
@@ -426,15 +515,17 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
             b"[" + b",".join(to_wire(r, base) for r in records) + b"]", media_type="application/json"
         )
 
-    @router.get("/files/hash/{md5}")
-    async def hash_lookup(md5: str, request: Request, purpose: str | None = None) -> Response:
+    @router.get("/files/hash/{md5}", responses=documented(file_doc, 401, 404, 422))
+    async def hash_lookup(md5: str, request: Request, purpose: str | None = purpose_filter) -> Response:
         stats.count("hash_lookups")
         record = store.find_by_md5(md5.lower(), checked_purpose(purpose))
         if record is None:
             return error(404, "no file with this hash")
         return file_json(record, request)
 
-    @router.post("/files/presigned-url")
+    @router.post(
+        "/files/presigned-url", responses=documented({"model": PresignedUrlResponse}, 400, 401, 415, 422)
+    )
     async def presign(payload: PresignedUrlRequest, request: Request) -> Response:
         stats.count("presigns")
         filename = safe_filename(payload.filename)
@@ -463,7 +554,16 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
         )
         return Response(answer.model_dump_json(), media_type="application/json")
 
-    @router.get("/files/verify-upload/{file_id}")
+    @router.put(
+        "/uploads/{file_id}",
+        responses=documented(file_doc, 400, 403, 404, 409, 413, 415, 422),
+        openapi_extra=_PUT_DOC,
+        name="presigned_put",
+    )
+    async def presigned_put_route(file_id: str) -> Response:
+        return _Delegated(presigned_put)
+
+    @router.get("/files/verify-upload/{file_id}", responses=documented(file_doc, 401, 404, 422))
     async def verify_upload(file_id: str, request: Request) -> Response:
         stats.count("verifies")
         record = store.get(file_id)
@@ -472,7 +572,7 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
         pending = store.get_pending(file_id) is not None
         return error(404, "upload not completed" if pending else "file not found")
 
-    @router.get("/public/{file_id}")
+    @router.get("/public/{file_id}", response_class=BlobResponse, responses=documented(blob_doc, 404, 422))
     async def public_content(file_id: str, token: str = "") -> Response:
         stats.count("contents")
         record = store.get(file_id)
@@ -482,7 +582,11 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
 
     if not settings.public_only:
 
-        @router.get("/files/{file_id}/content")
+        @router.get(
+            "/files/{file_id}/content",
+            response_class=BlobResponse,
+            responses=documented(blob_doc, 401, 404, 422),
+        )
         async def content(file_id: str) -> Response:
             stats.count("contents")
             record = store.get(file_id)
@@ -490,21 +594,38 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
                 return error(404, "file not found")
             return blob(record)
 
-    @router.get("/files/{file_id}")
+    @router.get("/files/{file_id}", responses=documented(file_doc, 401, 404, 422))
     async def get_file(file_id: str, request: Request) -> Response:
         stats.count("gets")
         record = store.get(file_id)
         return error(404, "file not found") if record is None else file_json(record, request)
 
-    @router.delete("/files/{file_id}")
+    @router.delete("/files/{file_id}", responses=documented(file_doc, 401, 404, 422))
     async def delete_file(file_id: str, request: Request) -> Response:
         stats.count("deletes")
         record = store.delete(file_id)
         return error(404, "file not found") if record is None else file_json(record, request)
 
+    def method_not_allowed(request: Request, _: Exception) -> JSONResponse:
+        """405 whose ``Allow`` lists every method of the path (RFC 9110): Starlette names only the first
+        route that matched, and ``GET``/``DELETE /files/{id}`` (or ``GET``/``POST /files``) are two.
+        As in OpenAPI, a literal path (``/files/presigned-url``) hides the templated ones it also fits."""
+        matching = [
+            route
+            for route in router.routes
+            if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE
+        ]
+        fewest = min((route.path.count("{") for route in matching), default=0)
+        methods = {
+            method for route in matching if route.path.count("{") == fewest for method in route.methods or ()
+        }
+        headers = {"Allow": ", ".join(sorted(methods))}
+        return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers=headers)
+
     api = FastAPI(title="syncd reference Files API", openapi_url=None, docs_url=None, redoc_url=None)
     api.include_router(router)
     api.add_exception_handler(RequestValidationError, _validation_handler)
+    api.add_exception_handler(405, method_not_allowed)
     api.add_exception_handler(Exception, _internal_handler)
 
     app: ASGIApp = BearerAuth(_UploadRoutes(api, upload, presigned_put), settings.api_key, stats, limit)
@@ -523,26 +644,29 @@ def create_app(settings: ServerSettings, store: Store, stats: ServerStats) -> AS
 
 
 class _UploadRoutes:
-    """``POST /v1/files`` and ``PUT /v1/uploads/{id}`` as plain ASGI handlers; anything else goes to ``api``.
+    """``POST /v1/files`` and ``PUT /v1/uploads/{id}`` as plain ASGI handlers; anything else goes to ``app``.
 
     An exception in a handler is answered as FastAPI's handler would (500, JSON), then re-raised so that
     uvicorn logs it.
     """
 
-    def __init__(self, api: ASGIApp, upload: ASGIApp, presigned_put: ASGIApp) -> None:
-        self.api = api
+    routes = (("POST", "/v1/files"), ("PUT", "/v1/uploads/{file_id}"))
+    """What this answers, as (method, path template): each is also one of FastAPI's documentation routes."""
+
+    def __init__(self, app: ASGIApp, upload: ASGIApp, presigned_put: ASGIApp) -> None:
+        self.app = app
         self.upload = upload
         self.presigned_put = presigned_put
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.api
+        handler = self.app
         if scope["type"] == "http":
             method, path = scope["method"], scope["path"]
             if method == "POST" and path == "/v1/files":
                 handler = self.upload
             elif method == "PUT" and _upload_id(path):
                 handler = self.presigned_put
-        if handler is self.api:
+        if handler is self.app:
             await handler(scope, receive, send)
             return
         started = False
@@ -558,6 +682,18 @@ class _UploadRoutes:
             if not started:
                 await send_json_error(send, 500, "internal server error")
             raise
+
+
+class _Delegated(Response):
+    """The answer of a FastAPI documentation route: the request goes on to the plain ASGI handler that the
+    front would have called, so that both ways to it behave the same (FastAPI has read none of the body)."""
+
+    def __init__(self, handler: ASGIApp) -> None:
+        super().__init__()
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
 
 
 def _upload_id(path: str) -> str:
