@@ -15,7 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import events, hashing, initial, large_file, manifest_1m, nochange
+from bench import (
+    bwlimit,
+    events,
+    hashing,
+    hooks,
+    initial,
+    large_file,
+    manifest_1m,
+    nochange,
+    startup,
+    transport,
+)
 from bench.common import Context, GiB, Options, Outcome, Row, remove_tree
 
 Benchmark = Callable[[Context], Outcome]
@@ -29,6 +40,14 @@ BENCHMARKS: dict[str, tuple[Benchmark, str]] = {
     "hashing": (hashing.hashing, "hashing 4 GiB in 8 files (page cache) vs md5sum"),
     "large_file": (large_file.large_file, "one 2 GiB file (presigned) vs the SDK and md5sum + curl -T"),
     "event_latency": (events.event_latency, "event → uploaded latency of 200 files dropped one by one"),
+    "transport": (transport.transport, "1,500 x 1 KiB uploads, 8 in flight: aiohttp vs httpx transport"),
+    "transport_put": (transport.transport_put, "one 1 GiB presigned PUT per transport vs curl -T"),
+    "startup": (startup.startup, "start-up of sync --once on an empty folder and --help vs import httpx"),
+    "bwlimit": (
+        bwlimit.bwlimit,
+        "sync --once of 40 MiB under max_upload_rate = 5MiB: achieved rate vs the cap",
+    ),
+    "hooks": (hooks.hooks_rate, "upload rate of 1,000 dropped files with a 1 s hook on each vs none"),
 }
 
 SHARED_BY: dict[str, frozenset[str]] = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -36,6 +37,31 @@ ConfigOption = Annotated[
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     typer.echo(f"syncd: {message}", err=True)
+    raise typer.Exit(code)
+
+
+RebindOption = Annotated[
+    bool,
+    typer.Option(
+        "--rebind",
+        help="The state dir synced with another remote: forget what syncd owns there, re-match by md5.",
+    ),
+]
+
+
+def _finish(command: Callable[[], int]) -> NoReturn:
+    """Run a command that uses the state dir; its known failures are one line and an exit code."""
+    from syncd.manifest import RemoteMismatch
+    from syncd.state import AlreadyRunning, StateError
+
+    try:
+        code = command()
+    except AlreadyRunning as exc:
+        _fail(str(exc), EXIT_LOCKED)
+    except (ConfigError, RemoteMismatch) as exc:
+        _fail(str(exc))
+    except StateError as exc:
+        _fail(str(exc), exc.exit_code)
     raise typer.Exit(code)
 
 
@@ -111,40 +137,35 @@ def run(
     embedded: Annotated[
         bool, typer.Option(help="Start a reference server on loopback, data in the state dir.")
     ] = False,
+    rebind: RebindOption = False,
 ) -> None:
     """Run the daemon: watch, settle, hash, upload, reconcile."""
     from syncd.daemon import run_daemon
-    from syncd.state import AlreadyRunning
 
     cfg = _load(config)
-    try:
-        code = run_daemon(cfg, embedded=embedded)
-    except AlreadyRunning as exc:
-        _fail(str(exc), EXIT_LOCKED)
-    except ConfigError as exc:
-        _fail(str(exc))
-    raise typer.Exit(code)
+    _finish(lambda: run_daemon(cfg, embedded=embedded, rebind=rebind))
 
 
 @app.command()
 def sync(
     once: Annotated[bool, typer.Option("--once", help="One pass: scan, upload, exit.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be uploaded or matched; change nothing.")
+    ] = False,
+    rebind: RebindOption = False,
     config: ConfigOption = None,
 ) -> None:
     """One pass: scan every root, upload what changed, mark what vanished; exit 0 when all is synced."""
-    from syncd.once import sync_once
-    from syncd.state import AlreadyRunning
+    from syncd.once import sync_dry_run, sync_once
 
     if not once:
         _fail("sync needs --once (the continuous mode is `syncd run`)")
+    if dry_run and rebind:
+        _fail("--dry-run changes nothing, so it cannot --rebind")
     cfg = _load(config)
-    try:
-        code = sync_once(cfg, progress=sys.stderr.isatty())
-    except AlreadyRunning as exc:
-        _fail(str(exc), EXIT_LOCKED)
-    except ConfigError as exc:
-        _fail(str(exc))
-    raise typer.Exit(code)
+    if dry_run:
+        _finish(lambda: sync_dry_run(cfg))
+    _finish(lambda: sync_once(cfg, progress=sys.stderr.isatty(), rebind=rebind))
 
 
 @app.command()
@@ -154,22 +175,18 @@ def reconcile(
     confirm: Annotated[
         bool, typer.Option("--confirm", help="Apply a plan that exceeds max_delete/max_delete_fraction.")
     ] = False,
+    rebind: RebindOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Prune remote files whose local copies were deleted or expired; re-upload vanished ones."""
     from syncd.once import reconcile_once
-    from syncd.state import AlreadyRunning
 
     if not once:
         _fail("reconcile needs --once (the daemon reconciles every reconcile.interval_seconds)")
+    if dry_run and rebind:
+        _fail("--dry-run changes nothing, so it cannot --rebind")
     cfg = _load(config)
-    try:
-        code = reconcile_once(cfg, dry_run=dry_run, confirm=confirm)
-    except AlreadyRunning as exc:
-        _fail(str(exc), EXIT_LOCKED)
-    except ConfigError as exc:
-        _fail(str(exc))
-    raise typer.Exit(code)
+    _finish(lambda: reconcile_once(cfg, dry_run=dry_run, confirm=confirm, rebind=rebind))
 
 
 @app.command()

@@ -6,6 +6,7 @@ file's own directory, so a config can be moved together with the folders it name
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -24,9 +25,12 @@ from pydantic import (
     PlainValidator,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from syncd.rules import RootRules, compile_rules, matcher
 
 Purpose = Literal[
     "fine-tune",
@@ -39,6 +43,8 @@ Purpose = Literal[
 ]
 """The Files API's purposes (design §5): a config naming another is refused at load, not at upload."""
 PURPOSES: tuple[str, ...] = get_args(Purpose)
+TransportKind = Literal["aiohttp", "httpx"]
+"""The client's transports (syncd.api.transport): aiohttp's, the default, or httpx's own."""
 
 ENV_CONFIG = "SYNCD_CONFIG"
 ENV_BASE_URL = "VLMRUN_BASE_URL"
@@ -121,6 +127,12 @@ class RemoteConfig(_Section):
     concurrency: Annotated[Literal["auto"] | int, PlainValidator(_depth_setting)] = "auto"
     max_concurrency: int = Field(default=MAX_CONCURRENCY, ge=1, le=256)
     presigned_threshold: Size = PRESIGNED_THRESHOLD
+    # Bytes per second shared by every upload in flight (rclone's --bwlimit); off by default: a sync tool
+    # should use the uplink it is given unless the user says otherwise.
+    max_upload_rate: Size | None = None
+    # aiohttp: measured 2.3x less client CPU per small upload than httpx's own (bench.transport); httpx
+    # honours HTTP(S)_PROXY from the environment, aiohttp does not.
+    transport: TransportKind = "aiohttp"
 
     @field_validator("base_url")
     @classmethod
@@ -138,6 +150,100 @@ class StateConfig(_Section):
 class PurposeRuleConfig(_Section):
     pattern: str = Field(min_length=1)
     purpose: Purpose
+
+
+HOOK_FIELDS: tuple[str, ...] = ("path", "relpath", "remote_id", "purpose", "md5", "bytes", "public_url")
+"""What a hook is told about a synced file: ``{name}`` placeholders in ``exec``, ``SYNCD_NAME`` in its
+environment, keys of a webhook's JSON."""
+
+HOOK_TIMEOUT_SECONDS = 60.0
+"""A hook that starts a prediction makes one API call: a minute covers a slow one, and a hung hook is
+killed and retried instead of holding one of the few hook slots forever (a guess)."""
+
+_TEMPLATE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+def parse_template(text: str) -> list[tuple[str, str | None]]:
+    """``exec`` argument → (literal, field) pieces: ``{name}`` is a field, ``{{``/``}}`` are braces.
+
+    One parser for the config check and for the hook stage's expansion, so a config that loads never
+    fails to expand. Only bare names: ``{path.__class__}`` or ``{bytes:>9}`` are refused, not formatted.
+    """
+    pieces: list[tuple[str, str | None]] = []
+    literal = ""
+    at = 0
+    for match in _TEMPLATE.finditer(text):
+        literal += text[at : match.start()]
+        at = match.end()
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            literal += token[0]
+        elif match.group(1) is None:
+            raise ValueError(f"unbalanced {token!r} in {text!r} (write {token * 2} for a literal brace)")
+        elif match.group(1) not in HOOK_FIELDS:
+            known = " ".join(f"{{{f}}}" for f in HOOK_FIELDS)
+            raise ValueError(f"unknown placeholder {token} in {text!r} (known: {known})")
+        else:
+            pieces.append((literal, match.group(1)))
+            literal = ""
+    pieces.append((literal + text[at:], None))
+    return pieces
+
+
+def _argv(value: object) -> object:
+    if isinstance(value, str):
+        raise ValueError(f'must be an argv list like ["cmd", "{{remote_id}}"], not a shell string: {value!r}')
+    return value
+
+
+class HookConfig(_Section):
+    """``[[watch.hooks]]``: a command or a webhook run once a file is synced (design §6)."""
+
+    # The only event so far, and required: a config names what it reacts to, so new events change nothing.
+    on: Literal["synced"]
+    # An argv, never a shell string: file names reach the program as single arguments, unparsed.
+    exec: Annotated[tuple[str, ...] | None, BeforeValidator(_argv)] = None
+    # A JSON webhook, POSTed with the same fields; exactly one of exec and post.
+    post: str | None = None
+    # None: every synced file of the watch. Otherwise a gitignore-style glob, like [[watch.rules]] pattern.
+    pattern: str | None = Field(default=None, min_length=1)
+    # A hook acts on a document: a copy or rename of the same content is the same document.
+    per: Literal["content", "path"] = "content"
+    timeout_seconds: float = Field(default=HOOK_TIMEOUT_SECONDS, gt=0)
+    # A hook is another program: it gets the API key only when asked, and only in its environment.
+    pass_api_key: bool = False
+
+    @field_validator("exec")
+    @classmethod
+    def _placeholders(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            if not value or not value[0]:
+                raise ValueError("the program (first element) is missing")
+            for arg in value:
+                parse_template(arg)
+        return value
+
+    @field_validator("post")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an http(s) URL (got {value!r})")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _glob(cls, value: str | None) -> str | None:
+        if value is not None:
+            matcher(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_action(self) -> HookConfig:
+        if (self.exec is None) == (self.post is None):
+            raise ValueError("set exactly one of exec (a command) or post (a webhook URL)")
+        if self.pass_api_key and self.exec is None:
+            raise ValueError("pass_api_key applies to exec hooks only: a webhook never gets the key")
+        return self
 
 
 class WatchConfig(_Section):
@@ -167,12 +273,58 @@ class WatchConfig(_Section):
     # When set, the root counts as unavailable unless this file exists in it (Syncthing's .stfolder).
     marker: str | None = None
     rules: tuple[PurposeRuleConfig, ...] = ()
+    # keep: a mirror leaves its source alone. "delete" and "move" are for drop folders (rclone move,
+    # onedrive --remove-source-files): the file leaves the folder once its remote copy is synced.
+    after_sync: Literal["keep", "delete", "move"] = "keep"
+    # Where "move" puts synced files (relative paths kept, never overwriting); checked below.
+    move_to: Path | None = Field(default=None, validate_default=True)
+    hooks: tuple[HookConfig, ...] = ()
+
+    @field_validator("move_to")
+    @classmethod
+    def _move_target(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        after_sync = info.data.get("after_sync")
+        if value is None:
+            if after_sync == "move":
+                raise ValueError('required with after_sync = "move" (the folder synced files go to)')
+            return value
+        if after_sync != "move":
+            raise ValueError(f'is only used with after_sync = "move" (after_sync is {after_sync!r})')
+        root = info.data.get("path")
+        if isinstance(root, Path):
+            problem = move_target_problem(
+                root, value, ignore=info.data.get("ignore", ()), recursive=info.data.get("recursive", True)
+            )
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _settle_bounds(self) -> WatchConfig:
         if self.settle_max_seconds < self.settle_seconds:
             raise ValueError("settle_max_seconds must be >= settle_seconds")
         return self
+
+
+def move_target_problem(root: Path, move_to: Path, *, ignore: tuple[str, ...], recursive: bool) -> str | None:
+    """Why ``move_to`` cannot take the files moved out of ``root``, or None.
+
+    Inside the watched tree it must be a directory the walk never enters (ignored, or below the top of a
+    non-recursive root): a moved file would otherwise be found, synced again and moved again. A
+    ``move_to`` holding the root would put ``inbox/x`` of the root back into the root.
+    """
+    real_root, target = root.resolve(), move_to.resolve()
+    if target == real_root or real_root.is_relative_to(target):
+        return f"{move_to} holds the watched folder {root}: moved files would land back in it"
+    if not target.is_relative_to(real_root):
+        return None
+    rel = target.relative_to(real_root).as_posix()
+    if not recursive or compile_rules(RootRules(ignore=ignore)).ignores_dir(rel):
+        return None
+    return (
+        f"{move_to} is inside the watched folder {root} and not ignored: put it outside, or add"
+        f' "{rel}/" to ignore'
+    )
 
 
 class ReconcileConfig(_Section):
@@ -202,12 +354,60 @@ class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+_LISTEN_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})$")
+LISTEN_EXAMPLES = "127.0.0.1:9464, [::1]:9464, localhost:9464 or /run/syncd/http.sock"
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost or a loopback literal (127.0.0.0/8, ::1): names no DNS answer can point elsewhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_listen(value: str) -> tuple[str, int] | Path:
+    """(host, port) for a loopback TCP address, or the path of a unix socket; ValueError otherwise."""
+    if value.startswith("/"):
+        return Path(value)
+    match = _LISTEN_RE.match(value)
+    if match is None or not is_loopback_host(match.group(1)):
+        raise ValueError(
+            "must be a loopback host:port or an absolute unix socket path (the listener has no login),"
+            f" like {LISTEN_EXAMPLES}; got {value!r}"
+        )
+    port = int(match.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535, got {port}")
+    return match.group(1).removeprefix("[").removesuffix("]"), port
+
+
+class HttpConfig(_Section):
+    # Off by default: /metrics and the status page are opt-in. Loopback or a unix socket only, because
+    # they need no login (reach them from elsewhere through an SSH tunnel).
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _local_only(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | Path | None:
+        return None if self.listen is None else parse_listen(self.listen)
+
+
 class Config(_Section):
     remote: RemoteConfig = RemoteConfig()
     state: StateConfig = StateConfig()
     watch: tuple[WatchConfig, ...] = ()
     reconcile: ReconcileConfig = ReconcileConfig()
     log: LogConfig = LogConfig()
+    http: HttpConfig = HttpConfig()
     # Not a TOML key: resolved from env, api_key_file or the systemd credential at load time.
     api_key: SecretStr | None = Field(default=None, exclude=True)
     # Where the key came from, for check-config: "env VLMRUN_API_KEY", "api_key_file PATH",
@@ -225,6 +425,15 @@ class Config(_Section):
             if watch.path in seen:
                 raise ValueError(f"watch path {watch.path} is listed twice")
             seen.add(watch.path)
+        for index, watch in enumerate(self.watch):
+            for other in self.watch:
+                if watch.move_to is None or other is watch:
+                    continue
+                problem = move_target_problem(
+                    other.path, watch.move_to, ignore=other.ignore, recursive=other.recursive
+                )
+                if problem is not None:
+                    raise ValueError(f"watch[{index}].move_to: {problem}")
         return self
 
     @property
@@ -287,8 +496,17 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     watches = raw.get("watch")
     if isinstance(watches, list):
         for watch in watches:
-            if isinstance(watch, dict) and "path" in watch:
-                watch["path"] = fix(watch["path"])
+            if not isinstance(watch, dict):
+                continue
+            for key in ("path", "move_to"):
+                if key in watch:
+                    watch[key] = fix(watch[key])
+            for hook in watch.get("hooks") or ():
+                # A program named by a relative path ("./hooks/predict.py") is found next to the config,
+                # like every other path here; a bare name ("python3") is looked up in PATH.
+                argv = hook.get("exec") if isinstance(hook, dict) else None
+                if isinstance(argv, list) and argv and isinstance(argv[0], str) and "/" in argv[0]:
+                    argv[0] = fix(argv[0])
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,3 +64,8 @@ class Counters:
     pruned: Counter[str] = field(default_factory=Counter)
     """Remote files the reconciler deleted, by why."""
     last_reconcile_at: float | None = None
+    hooks_ran: int = 0
+    hooks_failed: int = 0
+    """Hook attempts that failed (each is retried; `status` shows the manifest's totals)."""
+    sources_removed: int = 0
+    """Synced files after_sync deleted or moved out of their folder."""

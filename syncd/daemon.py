@@ -2,9 +2,14 @@
 
 The data flow, as `wire()` builds it::
 
-    watcher ─► settle ─► route ─┬─► hashing ─► upload ─► manifest
-    timers/lost events ─► rescan ┘   (changed while read: back to settle)
+    watcher ─► settle ─► route ─┬─► hashing ─► upload ─► manifest ─┬─► hooks ──┐ (a path's hooks done)
+    timers/lost events ─► rescan ┘   (changed while read: back to settle) └─► after_sync ◄┘
     sweep (retries due, grace passed) ─► hashing / upload;   reconcile (timer) ─► prune / re-queue
+    hook poll (runs due again) ─► hooks;   after_sync poll (start, missed cues) ─► after_sync
+
+The upload stage hands each row it marks synced to one callable, ``synced``: it records the hook runs the
+row calls for in the manifest (the same transaction as the synced state) and cues both stages without
+waiting; the manifest, not the cue, is what they act on, so a crash or a full queue loses nothing.
 
 Every queue is created here with a bound, so back-pressure is visible and memory is bounded. Stages get
 queues and callables, never another stage's object; shutdown is the mirror image of start-up: sources
@@ -19,26 +24,37 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
+from pydantic import SecretStr
 
-from syncd import hashing, logs, reconcile, rescan, upload
+from syncd import after_sync, hashing, hooks, logs, reconcile, rescan, upload
 from syncd.api import FilesClient
 from syncd.config import Config, ConfigError, load_config, require_api_key
 from syncd.counters import Counters
 from syncd.depth import AdaptiveDepth, FixedDepth, for_setting
 from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, ManifestReader
-from syncd.plan import Candidate, PathHint, is_due
+from syncd.plan import Candidate, PathHint, SyncedFile, is_due
 from syncd.remote import make_client, pool_size
 from syncd.rescan import RescanRequest
 from syncd.roots import Root, RootTable, build_roots, file_filter
 from syncd.scan import stat_path
 from syncd.service import Notifier
 from syncd.settle import Aggregator, Gone, Ready, Rescan, Settled, StatFailed, settle_stage
-from syncd.state import EMBEDDED_KEY_NAME, LiveState, StateLock, live_path, remove_live, write_live
+from syncd.state import (
+    EMBEDDED_KEY_NAME,
+    LiveState,
+    StateError,
+    StateLock,
+    live_path,
+    remove_live,
+    write_live,
+)
+from syncd.supervise import Gate, held
 
 log = structlog.get_logger("syncd.daemon")
 
@@ -49,6 +65,7 @@ UPLOAD_QUEUE_PER_SLOT = 4  # jobs waiting per request in flight: enough to keep 
 DRAIN_SECONDS = 30.0  # SIGTERM waits this long for in-flight uploads before exiting anyway
 SWEEP_SECONDS = 10.0  # how often rows due for a retry, and missing rows past grace, are looked at
 STATUS_SECONDS = 10.0  # sd_notify STATUS= and the live-state file
+PROBE_SECONDS = 5.0  # while paused, how often a write to the state dir is tried again
 MIN_QUIET_SECONDS = 0.05  # settle_seconds = 0 still debounces a burst of events for one file
 
 
@@ -70,6 +87,10 @@ class Run:
     clock: Callable[[], float] = time.time
     due: Callable[[Entry], bool] = lambda entry: True
     """Whether a waiting row may be sent now: the daemon honours its backoff, one pass retries all."""
+    base_url: str = ""
+    api_key: SecretStr | None = None
+    """The remote's address and key as in use (the embedded server's, with --embedded): what a hook with
+    pass_api_key is given."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +106,13 @@ class _Pipes:
     cache: upload.RemoteCache
     unreadable: logs.UnreadableLog
     depth: AdaptiveDepth | FixedDepth
+    gate: Gate | None
+    """The daemon pauses at it while the state dir cannot be written; one pass has none and ends."""
+    hook_runs: hooks.HookQueue
+    drops: asyncio.Queue[FileKey | None]
+    """after_sync's input: paths whose synced row it should look at."""
+    missed_drops: asyncio.Event
+    """A cue to after_sync was dropped (queue full) or a held root is back: poll the manifest again."""
 
 
 async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | None = None) -> None:
@@ -102,9 +130,21 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
         cache=upload.RemoteCache(run.client),
         unreadable=logs.UnreadableLog(),
         depth=for_setting(config.remote.concurrency, maximum=config.remote.max_concurrency),
+        gate=Gate() if daemon else None,
+        hook_runs=hooks.HookQueue(hooks.HOOK_QUEUE),
+        drops=asyncio.Queue(after_sync.AFTER_SYNC_QUEUE),
+        missed_drops=asyncio.Event(),
     )
     hints, rescans, hash_q, jobs, commit, cache = q.hints, q.rescans, q.hash_q, q.jobs, q.commit, q.cache
+    hook_runs, drops = q.hook_runs, q.drops
     hasher = hashing.Hasher()
+    table = hooks.compile_hooks(config)
+    for hook in table:
+        manifest.record_hook(hook.id, hooks.definition(hook.root_path, hook.config))
+    webhooks = hooks.webhook_client() if table.webhooks else None
+    key = run.api_key.get_secret_value() if run.api_key is not None else None
+    execute = hooks.executor(base_url=run.base_url, api_key=key, http=webhooks, inherited=dict(os.environ))
+    loop = asyncio.get_running_loop()
 
     async def route(batch: list[Candidate]) -> None:
         """Scan finds: files quiet for settle_seconds go straight to hashing; fresher ones settle first."""
@@ -131,6 +171,37 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
         if (root := roots.by_id(key.root_id)) is not None:
             resettle(root, key.relpath)
 
+    def cue_drop(key: FileKey) -> None:
+        """after_sync: look at this path soon. Never waits; a full queue is made up by the next poll."""
+        root = roots.by_id(key.root_id)
+        if root is None or root.watch.after_sync == "keep":
+            return
+        try:
+            drops.put_nowait(key)
+        except asyncio.QueueFull:
+            q.missed_drops.set()
+
+    def synced(done: SyncedFile) -> None:
+        """The upload stage marked a row synced: its hook runs join the same transaction, then the cues."""
+        root = roots.by_id(done.key.root_id)
+        if root is None:
+            return
+        for hook_run in hooks.record(manifest, table.for_root(root.index), done):
+            hook_runs.offer(hook_run)
+        cue_drop(done.key)
+
+    def drop_later(key: FileKey, seconds: float) -> None:
+        """A failed or premature removal: the daemon looks again later; one pass leaves it to the next."""
+        if daemon:
+            loop.call_later(seconds, cue_drop, key)
+
+    async def poll_drops() -> None:
+        """Every path after_sync may have to act on, from the manifest (start, missed cues, crashes)."""
+        commit.now()  # the reader connection must see every row written so far
+        ids = [i for r in roots.roots if r.watch.after_sync != "keep" and (i := roots.id_of(r)) is not None]
+        for found in await after_sync.pending(config.state_dir, ids):
+            await drops.put(found)
+
     consumers = [
         asyncio.create_task(
             upload.run(
@@ -145,6 +216,9 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
                 counters=counters,
                 concurrency=lambda: q.depth.limit,
                 observe=q.depth.observe,
+                gate=q.gate,
+                throttle=upload.UploadRate(rate) if (rate := config.remote.max_upload_rate) else None,
+                synced=synced,
             )
         ),
         asyncio.create_task(
@@ -157,6 +231,7 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
                 resettle=lambda cand: resettle(cand.root, cand.relpath),
                 unreadable=q.unreadable,
                 counters=counters,
+                gate=q.gate,
             )
         ),
         asyncio.create_task(
@@ -171,10 +246,37 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
                 counters=counters,
                 clock=clock,
                 state_dir=config.state_dir,
+                gate=q.gate,
+            )
+        ),
+        asyncio.create_task(
+            hooks.run(
+                hook_runs,
+                manifest=manifest,
+                commit=commit,
+                table=table,
+                execute=execute,
+                path_of=roots.path_of,
+                clock=clock,
+                counters=counters,
+                finished=lambda done: cue_drop(FileKey(done.root_id, done.relpath)),
+                gate=q.gate,
+            )
+        ),
+        asyncio.create_task(
+            after_sync.run(
+                drops,
+                manifest=manifest,
+                commit=commit,
+                roots=roots,
+                hook_ids=table.ids_for_root,
+                retry=drop_later,
+                counters=counters,
+                gate=q.gate,
             )
         ),
     ]
-    upload_stage, hash_stage, rescan_stage = consumers
+    upload_stage, hash_stage, rescan_stage, hook_stage, drop_stage = consumers
 
     async def sweep() -> None:
         """Rows due for a retry (or left by a crash) go back through the quick check."""
@@ -184,10 +286,29 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
         for job in orphans:
             await jobs.submit(job)
 
+    async def drop_poller() -> None:
+        """The daemon's after_sync source: once every root was scanned (ids known, guards applied), then
+        whenever a cue was missed."""
+        await asyncio.gather(*(e.wait() for e in q.scanned.values()))
+        while True:
+            await poll_drops()
+            await q.missed_drops.wait()
+            q.missed_drops.clear()
+            await asyncio.sleep(SWEEP_SECONDS)  # let a full queue drain before re-reading
+
     try:
         if halt is not None:
             await _watch_and_wait(
-                run, q, halt=halt, notifier=notifier or Notifier(), sweep=sweep, stages=consumers
+                run,
+                q,
+                halt=halt,
+                notifier=notifier or Notifier(),
+                sweep=sweep,
+                stages=consumers,
+                more=[
+                    lambda: hooks.poll(hook_runs, manifest=manifest, table=table, clock=clock),
+                    drop_poller,
+                ],
             )
             # Mirror-image shutdown: a walk in progress stops at once, files being read or sent finish,
             # and what waits in the queues is picked up again by the next start's scan.
@@ -207,11 +328,25 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
         await hash_stage
         await jobs.queue.put(None)
         await _drain(upload_stage, daemon=daemon)
+        # Hooks, then after_sync (which waits for a path's hooks): the daemon leaves runs not started to
+        # the next start; one pass runs every pending one (each bounded by its timeout) and waits.
+        if daemon:
+            hook_runs.drop_waiting()
+        else:
+            await hooks.submit_all_pending(hook_runs, manifest=manifest, table=table)
+        await hook_runs.queue.put(None)
+        await _drain(hook_stage, daemon=daemon, seconds=hooks.HOOK_DRAIN_SECONDS, what="hooks")
+        if not daemon:
+            await poll_drops()
+        await drops.put(None)
+        await drop_stage
     finally:
         for task in consumers:
             task.cancel()
         await asyncio.gather(*consumers, return_exceptions=True)
         cache.close()
+        if webhooks is not None:
+            await webhooks.aclose()
         # Joining the hash threads waits for the file being read: off the loop, so watchdog pings go on.
         await asyncio.to_thread(hasher.close)
         commit.now()
@@ -222,16 +357,19 @@ def _drop_waiting(queue: asyncio.Queue[Candidate | None]) -> None:
         queue.get_nowait()
 
 
-async def _drain(upload_stage: asyncio.Task[None], *, daemon: bool) -> None:
-    """One pass waits for every upload; SIGTERM waits a bounded time, and what is cut off resumes (by md5
-    lookup) at the next start."""
+async def _drain(
+    stage: asyncio.Task[None], *, daemon: bool, seconds: float = DRAIN_SECONDS, what: str = "uploads"
+) -> None:
+    """One pass waits for every upload (and hook); SIGTERM waits a bounded time, and what is cut off
+    resumes at the next start (an upload by md5 lookup, a hook from its pending run)."""
     if not daemon:
-        await upload_stage
+        await stage
         return
-    done, _ = await asyncio.wait({upload_stage}, timeout=DRAIN_SECONDS)
+    done, _ = await asyncio.wait({stage}, timeout=seconds)
     if not done:
-        log.warning("stopped before in-flight uploads finished; they resume by md5 lookup at next start")
-        upload_stage.cancel()
+        log.warning(f"stopped before in-flight {what} finished; they resume at the next start")
+        stage.cancel()
+        await asyncio.gather(stage, return_exceptions=True)
 
 
 async def _watch_and_wait(
@@ -242,8 +380,10 @@ async def _watch_and_wait(
     notifier: Notifier,
     sweep: Callable[[], Awaitable[None]],
     stages: list[asyncio.Task[None]],
+    more: Sequence[Callable[[], Coroutine[Any, Any, None]]],
 ) -> None:
-    """The daemon's sources (watcher, settle, timers, sweep, reconcile), until ``halt``; then stop them.
+    """The daemon's sources (watcher, settle, timers, sweep, reconcile, the http listener and ``more``),
+    until ``halt``; then stop them.
 
     A stage or source that ends by a bug stops the daemon cleanly (systemd restarts it) rather than
     letting it limp on without that stage.
@@ -252,6 +392,8 @@ async def _watch_and_wait(
 
     config, manifest, roots, counters, clock = run.config, run.manifest, run.roots, run.counters, run.clock
     hints, rescans, hash_q, commit = q.hints, q.rescans, q.hash_q, q.commit
+    gate = q.gate
+    assert gate is not None  # the daemon always has one
     settled: asyncio.Queue[Settled] = asyncio.Queue(SETTLED_QUEUE)
     live = LiveState(pid=os.getpid(), state_dir=str(config.state_dir.absolute()))
     live_file = live_path(config.state_dir)
@@ -259,6 +401,7 @@ async def _watch_and_wait(
     async def router() -> None:
         """Settled paths: ready files to hashing, gone ones marked missing, rescans to the rescan stage."""
         while True:
+            await gate.passing()
             item = await settled.get()
             root = roots.roots[item.root_index]
             root_id = roots.id_of(root)
@@ -268,8 +411,11 @@ async def _watch_and_wait(
             elif isinstance(item, Gone):
                 key = FileKey(root_id, item.relpath) if root_id is not None else None
                 if key is not None and manifest.get(key) is not None:
-                    manifest.mark_missing(key, clock())
-                    commit.maybe()
+                    try:
+                        manifest.mark_missing(key, clock())
+                        commit.maybe()
+                    except StateError as exc:
+                        await held(gate, exc)  # the next full rescan marks it again
             elif isinstance(item, Rescan):
                 await rescans.put(RescanRequest(item.root_index, item.relpath))
             elif isinstance(item, StatFailed):
@@ -284,9 +430,17 @@ async def _watch_and_wait(
     async def sweeper() -> None:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
-            await sweep()
-            for root in await rescan.sweep_missing(roots, manifest=manifest, counters=counters, clock=clock):
+            await gate.passing()
+            try:
+                await sweep()
+                back = await rescan.sweep_missing(roots, manifest=manifest, counters=counters, clock=clock)
+                commit.maybe()
+            except StateError as exc:
+                await held(gate, exc)
+                continue
+            for root in back:
                 await rescans.put(RescanRequest(root.index))  # a held root is back: walk it now
+                q.missed_drops.set()  # and let after_sync look at its rows
             for index in watcher.gone():
                 root = roots.roots[index]
                 # `rm -rf root && mkdir root` (the inode reused): the same root to the guards, a new one to
@@ -294,31 +448,65 @@ async def _watch_and_wait(
                 if not roots.is_held(root) and await asyncio.to_thread(root.path.is_dir):
                     await asyncio.to_thread(watcher.rewatch, index)
                     await rescans.put(RescanRequest(index))
-            commit.maybe()
 
     async def committer() -> None:
         """Writes never wait longer than the commit policy's period to become durable and visible."""
         while True:
             await asyncio.sleep(commit.seconds)
-            commit.maybe()
+            await gate.passing()
+            try:
+                commit.maybe()
+            except StateError as exc:
+                await held(gate, exc)
+
+    async def resumer() -> None:
+        """While paused, try one small write every PROBE_SECONDS; once it lands, resume and rescan every
+        root (what could not be recorded meanwhile is found again; uploads resolve by md5)."""
+        while True:
+            await gate.closing()
+            notifier.status(f"paused: {gate.reason}")
+            while True:
+                await asyncio.sleep(PROBE_SECONDS)
+                try:
+                    manifest.probe()
+                    break
+                except StateError:
+                    continue
+            gate.reopen()
+            for root in roots.roots:
+                await rescans.put(RescanRequest(root.index))
 
     async def reporter() -> None:
         """STATUS= for systemd and the live-state file for `status`; the counts query runs off the loop."""
+        live_error: str | None = None
         while True:
             counts = await asyncio.to_thread(_counts, config)
-            notifier.status(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "idle")
+            summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "idle"
+            notifier.status(f"paused: {gate.reason}" if gate.reason else summary)
+            live.paused = gate.reason
             live.in_flight = counters.in_flight
             if live.concurrency != q.depth.limit:
                 log.info("in-flight depth", depth=q.depth.limit, setting=config.remote.concurrency)
             live.concurrency = q.depth.limit
             live.crashed = counters.crashed
             live.last_reconcile_at = counters.last_reconcile_at
-            live.queues = {"hash": hash_q.qsize(), "upload": q.jobs.queue.qsize()}
+            live.queues = depths()
             try:
                 await asyncio.to_thread(write_live, live_file, live)
+                live_error = None
             except OSError as exc:
-                log.warning("cannot write the live-state file", path=str(live_file), error=str(exc))
+                if live_error != str(exc):
+                    log.warning("cannot write the live-state file", path=str(live_file), error=str(exc))
+                live_error = str(exc)
             await asyncio.sleep(STATUS_SECONDS)
+
+    def depths() -> dict[str, int]:
+        return {
+            "hash": hash_q.qsize(),
+            "upload": q.jobs.queue.qsize(),
+            "hooks": q.hook_runs.queue.qsize(),
+            "after_sync": q.drops.qsize(),
+        }
 
     def lost_events(root_index: int) -> None:
         log.warning("watcher lost events; rescanning", root=str(roots.roots[root_index].path))
@@ -337,6 +525,11 @@ async def _watch_and_wait(
         hints=hints,
         request_rescan=lost_events,
     )
+    listening = None
+    if config.http.listen is not None:
+        from syncd import http
+
+        listening = http.bind(config)  # before READY: an address in use fails the start, in one line
     try:
         await asyncio.to_thread(watcher.start)
     except InotifyLimitError as exc:
@@ -357,7 +550,9 @@ async def _watch_and_wait(
         *(asyncio.create_task(timer(r)) for r in roots.roots),
         asyncio.create_task(sweeper()),
         asyncio.create_task(committer()),
+        asyncio.create_task(resumer()),
         asyncio.create_task(reporter()),
+        *(asyncio.create_task(source()) for source in more),
         asyncio.create_task(
             reconcile.run(
                 halt,
@@ -369,9 +564,24 @@ async def _watch_and_wait(
                 forget=q.cache.forget,
                 clock=clock,
                 counters=counters,
+                gate=gate,
             )
         ),
     ]
+    if listening is not None:
+        from syncd import http, status
+
+        sources.append(
+            asyncio.create_task(
+                http.serve(
+                    listening,
+                    config=config,
+                    counters=counters,
+                    queues=depths,
+                    status=lambda: status.collect(config),
+                )
+            )
+        )
     notifier.ready(f"watching {len(roots.roots)} folder(s)")
     log.info("watching", roots=[str(r.path) for r in roots.roots])
     try:
@@ -417,7 +627,7 @@ def _remote(config: Config, *, embedded: bool) -> Iterator[tuple[str, str]]:
         yield server.base_url, server.api_key
 
 
-def run_daemon(config: Config, *, embedded: bool) -> int:
+def run_daemon(config: Config, *, embedded: bool, rebind: bool = False) -> int:
     """`syncd run`: watch, settle, hash, upload, reconcile until SIGTERM; SIGHUP reloads the config."""
     logs.configure_for(config)
     if not config.watch:
@@ -426,6 +636,7 @@ def run_daemon(config: Config, *, embedded: bool) -> int:
         logs.configure_for(config, (key,))
         manifest = Manifest.open(lock)
         try:
+            manifest.bind_remote(base_url, key, rebind=rebind)
             return asyncio.run(_daemon(config, manifest, base_url, key, embedded=embedded))
         finally:
             manifest.close()
@@ -452,7 +663,16 @@ async def _daemon(config: Config, manifest: Manifest, base_url: str, key: str, *
             relay = asyncio.create_task(_first(stop, reload, then=halt))
             async with make_client(config, base_url, key) as client:
                 roots = RootTable(build_roots(config), manifest)
-                run = Run(config, manifest, client, roots, counters, due=lambda e: is_due(e, time.time()))
+                run = Run(
+                    config,
+                    manifest,
+                    client,
+                    roots,
+                    counters,
+                    due=lambda e: is_due(e, time.time()),
+                    base_url=base_url,
+                    api_key=SecretStr(key),
+                )
                 try:
                     await wire(run, halt=halt, notifier=notifier)
                 finally:
@@ -496,6 +716,11 @@ def _reloaded(old: Config, *, embedded: bool) -> Config:
             )
         if not embedded:
             require_api_key(new)
+            if new.remote.base_url != old.remote.base_url:
+                raise ConfigError(
+                    f"{old.source}: remote.base_url: another remote needs a restart (with --rebind);"
+                    f" keeping {old.remote.base_url}"
+                )
         log.info("config reloaded", source=str(old.source), roots=len(new.watch))
         return new
     except ConfigError as exc:

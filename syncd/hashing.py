@@ -31,7 +31,7 @@ from syncd.logs import UnreadableLog
 from syncd.manifest import CommitPolicy, Manifest, State
 from syncd.plan import Candidate, NeedRemote, Restat, UploadJob, after_hash, needs_hash, statkey
 from syncd.scan import FileStat, describe_os_error
-from syncd.supervise import supervised
+from syncd.supervise import Gate, supervised
 
 # Large enough that the per-call overhead and GIL hand-offs vanish next to the hashing,
 # small enough to stay in L2/L3 cache (a guess confirmed by the MB/s figure in the tests).
@@ -213,6 +213,7 @@ async def run(
     resettle: Callable[[Candidate], None],
     unreadable: UnreadableLog,
     counters: Counters,
+    gate: Gate | None,
 ) -> None:
     """Candidates in until ``None``; up to ``hasher.workers`` files at once. Out: ``submit(UploadJob)`` for
     every row that needs a remote file, ``resettle(candidate)`` for a file that changed while read."""
@@ -229,7 +230,9 @@ async def run(
         )
         commit.maybe()
 
-    await supervised(hash_q, one, workers=hasher.workers, counters=counters, what="hashing")
+    await supervised(
+        hash_q, one, workers=hasher.workers, counters=counters, what="hashing", key=lambda c: c.key, gate=gate
+    )
 
 
 async def _hash_one(
@@ -245,7 +248,8 @@ async def _hash_one(
     key = cand.key
     entry = manifest.get(key)
     seen = statkey(cand.stat)
-    if entry is not None and not needs_hash(entry.stat, entry.state, seen):
+    # A path whose source after_sync removed holds a new file, whatever its stat: always read it.
+    if entry is not None and entry.source is None and not needs_hash(entry.stat, entry.state, seen):
         if entry.missing_since is not None:
             manifest.clear_missing(key)
         if entry.state in (State.QUEUED, State.UPLOADING):

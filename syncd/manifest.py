@@ -19,8 +19,20 @@ Deviations from design §3, and why:
   a scan (partial: random md5 keys are the costliest index to insert into; only synced rows need it).
 - a relpath that is not valid UTF-8 (``os.fsdecode`` keeps such bytes as lone surrogates, which SQLite text
   cannot hold) is stored as a blob of its exact bytes; every other one as text.
+- an index on ``(state, updated_at)`` (v2, in place of one on ``state``): `status` and the status page
+  show the newest synced and failed rows without sorting the table.
 - a rowid table with ``UNIQUE(root_id, relpath)`` rather than that as primary key: secondary indexes
   then repeat an 8-byte rowid, not the path (measured ~10% faster and ~10% smaller).
+- ``files.source`` (v2): NULL while the local file is the row's source; ``removing`` is after_sync's
+  intent (recorded and committed before the file is touched, ``source_dest`` naming a move's target),
+  ``removed`` once it left the folder. Such a row stays ``synced``: it is not a local delete, and rows
+  whose source is not NULL are left out of everything that looks for missing files.
+- ``owned_remotes.kept`` (v2): a remote file whose source after_sync removed counts as one more live
+  reference, so it is never pruned as deleted or superseded, even once a new file took over its path
+  (only retention still prunes it).
+- ``hooks`` and ``hook_runs`` (v2): each hook id with when it was first seen, and one row per (hook, md5,
+  purpose, scope) added in the same transaction as the ``synced`` state that calls for it: a run is
+  never lost to a crash and, once ``done_at`` is set, never repeated.
 
 Only ``synced`` rows are live references to their ``remote_id``; ``deleted`` and ``expired`` rows keep
 their last remote id as history (so the reconciler can say what it prunes and why) and ``queued``,
@@ -29,11 +41,12 @@ their last remote id as history (so the reconciler can say what it prunes and wh
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -41,7 +54,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
-from syncd.state import MANIFEST_NAME, StateLock
+from syncd.state import MANIFEST_NAME, StateError, StateLock, state_error
 
 
 class State(StrEnum):
@@ -89,8 +102,29 @@ class ManifestMissing(FileNotFoundError):
     """No manifest yet (read-only open before the daemon ever ran)."""
 
 
-class SchemaMismatch(RuntimeError):
-    """The manifest was written by another version of syncd."""
+class SchemaMismatch(StateError):
+    """The manifest was written by another version of syncd: a person must upgrade (exit 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
+class RemoteMismatch(RuntimeError):
+    """The manifest belongs to another remote (base URL or key) than the config names."""
+
+
+def key_fingerprint(api_key: str) -> str:
+    """What the manifest remembers of the key: enough to notice another account, useless as a key."""
+    return hashlib.sha256(b"syncd remote binding\0" + api_key.encode()).hexdigest()[:16]
+
+
+class Source(StrEnum):
+    """What after_sync did to a synced row's local file (NULL in the manifest: nothing, it is there)."""
+
+    REMOVING = "removing"
+    """Intent: the file is being deleted or moved (committed before the file is touched)."""
+    REMOVED = "removed"
+    """The file left the folder after it was synced; its remote copy stays."""
 
 
 class FileKey(NamedTuple):
@@ -127,6 +161,10 @@ class Entry:
     last_error: str | None
     updated_at: float
     missing_since: float | None
+    source: Source | None = None
+    """None while the local file is there; else what after_sync did to it (see ``Source``)."""
+    source_dest: str | None = None
+    """Where after_sync moves (or moved) the file."""
 
     @property
     def key(self) -> FileKey:
@@ -142,7 +180,8 @@ class StoredRoot:
     device: int
     inode: int
     live_rows: int
-    """Rows of this root not in ``deleted`` state."""
+    """Rows of this root not in ``deleted`` state whose file is there (a drop folder emptied by after_sync
+    is not a suspicious empty root)."""
 
     @property
     def had_files(self) -> bool:
@@ -164,6 +203,39 @@ class RemoteRef:
 
     remote_id: str
     created_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class HookRun:
+    """One pending or finished run of a hook for a synced file (a ``hook_runs`` row)."""
+
+    id: int
+    hook_id: str
+    root_id: int
+    relpath: str
+    md5: str
+    purpose: str
+    remote_id: str
+    bytes: int
+    public_url: str | None
+    attempts: int
+    next_attempt_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class HookStats:
+    """One hook's runs, for ``status``."""
+
+    hook_id: str
+    done: int
+    pending: int
+    failing: int
+    """Pending runs that failed at least once."""
+    failures: int
+    """Failed attempts, all runs together."""
+    last_error: str | None
+    last_error_at: float | None
+    last_error_path: str | None
 
 
 QuickKey = tuple[StatKey, State]
@@ -330,10 +402,58 @@ def _mig_1_initial(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE notes (key TEXT PRIMARY KEY, text TEXT NOT NULL, updated_at REAL NOT NULL)")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_mig_1_initial,)
+def _mig_2_state_time(conn: sqlite3.Connection) -> None:
+    """(state, updated_at) replaces (state): every query by state still uses it, and "the last 50 synced"
+    or "the newest failed" become a short index walk instead of sorting a million rows (measured: 250 ms
+    to under 1 ms on a 1M-row manifest). Both keys grow with time, so writes append as before."""
+    conn.execute("DROP INDEX IF EXISTS files_state")
+    conn.execute("CREATE INDEX files_state_time ON files(state, updated_at)")
+
+
+def _mig_3_sources_and_hooks(conn: sqlite3.Connection) -> None:
+    """after_sync's record of the files it removed, and the hooks' runs (see the module docstring)."""
+    conn.execute("ALTER TABLE files ADD COLUMN source TEXT")
+    conn.execute("ALTER TABLE files ADD COLUMN source_dest TEXT")
+    conn.execute("CREATE INDEX files_removing ON files(root_id) WHERE source='removing'")
+    conn.execute("CREATE INDEX files_sourced ON files(root_id) WHERE source IS NOT NULL")
+    conn.execute("ALTER TABLE owned_remotes ADD COLUMN kept INTEGER NOT NULL DEFAULT 0")
+    conn.execute(
+        "CREATE TABLE hooks (hook_id TEXT PRIMARY KEY, definition TEXT NOT NULL, first_seen REAL NOT NULL)"
+    )
+    conn.execute(
+        "CREATE TABLE hook_runs ("
+        " id INTEGER PRIMARY KEY,"
+        " hook_id TEXT NOT NULL,"
+        " md5 TEXT NOT NULL,"
+        " purpose TEXT NOT NULL,"
+        " scope TEXT NOT NULL,"  # '' for per = "content", the relpath for per = "path"
+        " root_id INTEGER NOT NULL,"
+        " relpath TEXT NOT NULL,"
+        " remote_id TEXT NOT NULL,"
+        " bytes INTEGER NOT NULL,"
+        " public_url TEXT,"
+        " created_at REAL NOT NULL,"
+        " done_at REAL,"
+        " attempts INTEGER NOT NULL DEFAULT 0,"
+        " next_attempt_at REAL,"
+        " last_error TEXT,"
+        " last_attempt_at REAL,"
+        " UNIQUE (hook_id, md5, purpose, scope))"
+    )
+    conn.execute("CREATE INDEX hook_runs_pending ON hook_runs(next_attempt_at) WHERE done_at IS NULL")
+    conn.execute("CREATE INDEX hook_runs_pending_path ON hook_runs(root_id, relpath) WHERE done_at IS NULL")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _mig_1_initial,
+    _mig_2_state_time,
+    _mig_3_sources_and_hooks,
+)
 """Migration i+1 takes schema version i to i+1; adding v2 is appending one function."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
+META_REMOTE_URL = "remote.base_url"
+META_REMOTE_KEY = "remote.key_fingerprint"
 
 
 def _schema_version(conn: sqlite3.Connection) -> int:
@@ -372,7 +492,8 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 _ENTRY_COLUMNS = (
     "root_id, relpath, size, mtime_ns, ctime_ns, inode, xxh3, md5, purpose, state, remote_id, owned,"
-    " remote_created_at, attempts, next_attempt_at, last_error, updated_at, missing_since"
+    " remote_created_at, attempts, next_attempt_at, last_error, updated_at, missing_since, source,"
+    " source_dest"
 )
 
 
@@ -393,6 +514,8 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         last_error=row[15],
         updated_at=row[16],
         missing_since=row[17],
+        source=Source(row[18]) if row[18] is not None else None,
+        source_dest=row[19],
     )
 
 
@@ -423,6 +546,9 @@ class ManifestReader:
         conn = _connect(path.absolute().as_uri() + "?mode=ro", readonly=True)
         try:
             version = _schema_version(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise state_error(state_dir, exc) from None
         except BaseException:
             conn.close()
             raise
@@ -473,15 +599,30 @@ class ManifestReader:
     def in_state(self, state: State) -> Iterator[Entry]:
         return self._iter(f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state=?", (state.value,))
 
+    def check_remote(self, base_url: str, api_key: str) -> None:
+        """Raise `RemoteMismatch` when the manifest is bound to another remote than this one."""
+        url = base_url.rstrip("/")
+        bound_url, bound_key = self.meta(META_REMOTE_URL), self.meta(META_REMOTE_KEY)
+        if bound_url is None or (bound_url, bound_key) == (url, key_fingerprint(api_key)):
+            return
+        what = "base URL" if bound_url != url else "API key"
+        raise RemoteMismatch(
+            f"state dir {self.path.parent} belongs to {bound_url} (another {what} than this config's {url});"
+            " nothing was changed. Run with --rebind to forget what syncd owns there and re-match every"
+            " file by md5, or use a new state dir"
+        )
+
     def meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
     def iter_root_brief(self, root_id: int) -> Iterator[tuple[str, State, str, float | None]]:
-        """(relpath, state, purpose, missing_since) of every row of a root: what a full rescan compares,
-        without building a full Entry per row."""
+        """(relpath, state, purpose, missing_since) of every row of a root whose file should be there: what
+        a full rescan compares, without building a full Entry per row. Sources after_sync removed are not
+        expected on disk."""
         cur = self._conn.execute(
-            "SELECT relpath, state, purpose, missing_since FROM files WHERE root_id=?", (root_id,)
+            "SELECT relpath, state, purpose, missing_since FROM files WHERE root_id=? AND source IS NULL",
+            (root_id,),
         )
         for relpath, state, purpose, missing_since in cur:
             yield _loaded(relpath), State(state), purpose, missing_since
@@ -491,17 +632,21 @@ class ManifestReader:
         return list(
             self._iter(
                 f"SELECT {_ENTRY_COLUMNS} FROM files WHERE root_id=? AND missing_since IS NOT NULL"
-                " AND state!='deleted'",
+                " AND state!='deleted' AND source IS NULL",
                 (root_id,),
             )
         )
 
     def load_quick_index(self, root_id: int) -> QuickIndex:
-        """The compact one-stat quick-check index of a root (sorted by SQLite, not in Python memory)."""
+        """The compact one-stat quick-check index of a root (sorted by SQLite, not in Python memory).
+
+        Rows whose source after_sync removed are left out: the walk must not miss them, and a file that
+        appears at such a path is new.
+        """
         cur = self._conn.execute(
             "SELECT CASE typeof(relpath) WHEN 'blob' THEN pyhash_bytes(relpath) ELSE pyhash(relpath) END"
             " AS h, size, mtime_ns, ctime_ns, inode, state FROM files"
-            " WHERE root_id=? ORDER BY h",
+            " WHERE root_id=? AND source IS NULL ORDER BY h",
             (root_id,),
         )
         return QuickIndex(iter(cur))
@@ -523,9 +668,13 @@ class ManifestReader:
         return [RemoteRef(rid, created) for rid, created in dict(rows).items()]
 
     def live_refs(self, remote_id: str) -> int:
-        """How many paths currently hold this remote file (only ``synced`` rows count)."""
+        """How many paths currently hold this remote file (only ``synced`` rows count), plus one when a
+        source removed by after_sync held it (``kept``): such a remote copy is never pruned for lack of
+        a path."""
         row = self._conn.execute(
-            "SELECT count(*) FROM files WHERE remote_id=? AND state='synced'", (remote_id,)
+            "SELECT (SELECT count(*) FROM files WHERE remote_id=? AND state='synced')"
+            " + coalesce((SELECT kept FROM owned_remotes WHERE remote_id=?), 0)",
+            (remote_id, remote_id),
         ).fetchone()
         return int(row[0])
 
@@ -541,10 +690,10 @@ class ManifestReader:
         return row is not None
 
     def owned_remotes(self) -> list[OwnedRemote]:
-        """The ledger with live refcounts: ``refs == 0`` are the reconciler's prune candidates."""
+        """The ledger with live refcounts (see ``live_refs``): ``refs == 0`` are the prune candidates."""
         rows = self._conn.execute(
             "SELECT o.remote_id, o.created_at,"
-            " (SELECT count(*) FROM files f WHERE f.remote_id=o.remote_id AND f.state='synced')"
+            " (SELECT count(*) FROM files f WHERE f.remote_id=o.remote_id AND f.state='synced') + o.kept"
             " FROM owned_remotes o ORDER BY o.remote_id"
         ).fetchall()
         return [OwnedRemote(r[0], r[1], r[2]) for r in rows]
@@ -552,12 +701,27 @@ class ManifestReader:
     # roots, status, notes
 
     def roots(self) -> list[StoredRoot]:
+        """Every stored root with its live row count: all rows (an index-only count) less the deleted ones
+        (found by state); ``state!='deleted'`` per row read the whole table (2.1 s on 1M rows, now 40 ms)."""
+        deleted = dict(
+            self._conn.execute("SELECT root_id, count(*) FROM files WHERE state='deleted' GROUP BY root_id")
+        )
+        # A source after_sync removed is not a live file of the root (an emptied drop folder is normal).
+        removed = dict(
+            self._conn.execute(
+                "SELECT root_id, count(*) FROM files WHERE source IS NOT NULL AND state!='deleted'"
+                " GROUP BY root_id"
+            )
+        )
         rows = self._conn.execute(
             "SELECT r.root_id, r.path, r.device, r.inode,"
-            " (SELECT count(*) FROM files f WHERE f.root_id=r.root_id AND f.state!='deleted')"
+            " (SELECT count(*) FROM files f WHERE f.root_id=r.root_id)"
             " FROM roots r ORDER BY r.root_id"
         ).fetchall()
-        return [StoredRoot(r[0], r[1], _u64(r[2]), _u64(r[3]), r[4]) for r in rows]
+        return [
+            StoredRoot(r[0], r[1], _u64(r[2]), _u64(r[3]), r[4] - deleted.get(r[0], 0) - removed.get(r[0], 0))
+            for r in rows
+        ]
 
     def counts_by_state(self) -> dict[State, int]:
         counts = dict.fromkeys(State, 0)
@@ -580,8 +744,88 @@ class ManifestReader:
             )
         )
 
+    def newest_in_state(self, state: State, n: int) -> list[Entry]:
+        """The ``n`` rows that entered (or last changed in) ``state`` most recently: a walk of the
+        (state, updated_at) index that stops after ``n``, cheap on any manifest size."""
+        return list(
+            self._iter(
+                f"SELECT {_ENTRY_COLUMNS} FROM files WHERE state=? ORDER BY updated_at DESC LIMIT ?",
+                (state.value, n),
+            )
+        )
+
     def notes(self) -> dict[str, str]:
         return {k: v for k, v in self._conn.execute("SELECT key, text FROM notes ORDER BY key")}
+
+    # after_sync and hooks
+
+    def after_sync_keys(self, root_id: int) -> list[FileKey]:
+        """Rows of a root that after_sync may have to act on: synced with the file in place, or left
+        ``removing`` by a crash. A scan of the root's rows (sources removed earlier included): run it off
+        the loop."""
+        rows = self._conn.execute(
+            "SELECT relpath FROM files WHERE root_id=? AND state='synced' AND remote_id IS NOT NULL"
+            " AND (source IS NULL OR source='removing')",
+            (root_id,),
+        ).fetchall()
+        return [FileKey(root_id, _loaded(r[0])) for r in rows]
+
+    def removing_keys(self) -> list[FileKey]:
+        """Rows an after_sync intent was recorded for and not finished (a crash): few, indexed."""
+        rows = self._conn.execute("SELECT root_id, relpath FROM files WHERE source='removing'").fetchall()
+        return [FileKey(r[0], _loaded(r[1])) for r in rows]
+
+    def hooks_pending(self, key: FileKey, md5: str, hook_ids: Collection[str]) -> bool:
+        """Whether a run of one of ``hook_ids`` for this path's content is still to do (after_sync waits
+        for it, so a hook is given a path that exists)."""
+        if not hook_ids:
+            return False
+        marks = ", ".join("?" * len(hook_ids))
+        row = self._conn.execute(
+            f"SELECT 1 FROM hook_runs WHERE root_id=? AND relpath=? AND done_at IS NULL AND md5=?"
+            f" AND hook_id IN ({marks}) LIMIT 1",
+            (*_where(key), md5, *hook_ids),
+        ).fetchone()
+        return row is not None
+
+    def pending_hook_runs(
+        self, hook_ids: Collection[str], *, due_by: float | None, limit: int = -1
+    ) -> list[HookRun]:
+        """Runs of these hooks still to do, oldest first; with ``due_by``, only those due by then."""
+        if not hook_ids:
+            return []
+        marks = ", ".join("?" * len(hook_ids))
+        due = " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)" if due_by is not None else ""
+        rows = self._conn.execute(
+            "SELECT id, hook_id, root_id, relpath, md5, purpose, remote_id, bytes, public_url, attempts,"
+            f" next_attempt_at FROM hook_runs WHERE done_at IS NULL AND hook_id IN ({marks}){due}"
+            " ORDER BY id LIMIT ?",
+            (*hook_ids, *(() if due_by is None else (due_by,)), limit),
+        ).fetchall()
+        return [
+            HookRun(r[0], r[1], r[2], _loaded(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], r[10]) for r in rows
+        ]
+
+    def hooks_first_seen(self) -> dict[str, float]:
+        """When each hook id was first configured: it runs for files synced from then on."""
+        return {k: v for k, v in self._conn.execute("SELECT hook_id, first_seen FROM hooks")}
+
+    def hook_stats(self) -> dict[str, HookStats]:
+        """Per hook id: runs done and pending, failures and the last error (a scan: for ``status``)."""
+        stats: dict[str, HookStats] = {}
+        for hook_id, done, pending, failing, failures in self._conn.execute(
+            "SELECT hook_id, sum(done_at IS NOT NULL), sum(done_at IS NULL), sum(done_at IS NULL AND"
+            " attempts > 0), sum(attempts) FROM hook_runs GROUP BY hook_id"
+        ):
+            last = self._conn.execute(
+                "SELECT last_error, last_attempt_at, relpath FROM hook_runs WHERE hook_id=?"
+                " AND last_error IS NOT NULL ORDER BY last_attempt_at DESC LIMIT 1",
+                (hook_id,),
+            ).fetchone()
+            error, at, path = last if last is not None else (None, None, None)
+            path = None if path is None else _loaded(path)
+            stats[hook_id] = HookStats(hook_id, done, pending, failing, failures, error, at, path)
+        return stats
 
 
 def _placeholders(states: frozenset[State]) -> str:
@@ -594,11 +838,12 @@ def _allowed_from(new: State) -> frozenset[State]:
 
 _UPSERT_QUEUED = (
     f"INSERT INTO files ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', NULL, 0, NULL, 0,"
-    " NULL, NULL, ?, NULL)"
+    " NULL, NULL, ?, NULL, NULL, NULL)"
     " ON CONFLICT(root_id, relpath) DO UPDATE SET size=excluded.size, mtime_ns=excluded.mtime_ns,"
     " ctime_ns=excluded.ctime_ns, inode=excluded.inode, xxh3=excluded.xxh3, md5=excluded.md5,"
     " purpose=excluded.purpose, state='queued', remote_id=NULL, owned=0, remote_created_at=NULL, attempts=0,"
-    " next_attempt_at=NULL, last_error=NULL, updated_at=excluded.updated_at, missing_since=NULL"
+    " next_attempt_at=NULL, last_error=NULL, updated_at=excluded.updated_at, missing_since=NULL,"
+    " source=NULL, source_dest=NULL"
 )
 
 
@@ -678,9 +923,18 @@ class Manifest(ManifestReader):
         if not lock.held:
             raise RuntimeError(f"open the manifest only while holding the lock on {lock.state_dir}")
         path = lock.state_dir / MANIFEST_NAME
-        conn = _connect(path.absolute().as_uri() + "?mode=rwc", readonly=False)
+        try:
+            conn = _connect(path.absolute().as_uri() + "?mode=rwc", readonly=False)
+        except sqlite3.Error as exc:
+            raise state_error(lock.state_dir, exc) from None
         try:
             migrate(conn)
+        except SchemaMismatch as exc:
+            conn.close()
+            raise SchemaMismatch(f"state dir {lock.state_dir}: {exc}") from None
+        except sqlite3.Error as exc:
+            conn.close()
+            raise state_error(lock.state_dir, exc) from None
         except BaseException:
             conn.close()
             raise
@@ -695,8 +949,26 @@ class Manifest(ManifestReader):
 
     def commit(self) -> None:
         if self._conn.in_transaction:
-            self._conn.execute("COMMIT")
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._unusable(exc) from None
         self._pending = 0
+
+    def probe(self) -> None:
+        """After a `StateError`: drop the writes that could not be made durable (the rescan and the retry
+        sweep redo them; upload intents were committed before each request) and try one small write."""
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+        self._pending = 0
+        self.set_meta("probe", str(self._clock()))
+        self.commit()
+
+    def _unusable(self, exc: sqlite3.Error) -> Exception:
+        """A failure of the disk or the file (a `StateError`), or of this code (re-raised as it is)."""
+        if type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError):
+            return state_error(self.path.parent, exc)
+        return exc
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -707,14 +979,19 @@ class Manifest(ManifestReader):
             self.commit()
 
     def close(self) -> None:
-        self.commit()
-        super().close()
+        try:
+            self.commit()
+        finally:
+            super().close()
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> int:
-        if not self._conn.in_transaction:
-            self._conn.execute("BEGIN")
-        self._pending += 1
-        return self._conn.execute(sql, params).rowcount
+        try:
+            if not self._conn.in_transaction:
+                self._conn.execute("BEGIN")
+            self._pending += 1
+            return self._conn.execute(sql, params).rowcount
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from None
 
     def _explain(self, key: FileKey, what: str, md5: str | None) -> bool:
         """After a guarded UPDATE matched nothing: False if the row moved on, else raise.
@@ -823,9 +1100,11 @@ class Manifest(ManifestReader):
         self._transition(key, State.EXPIRED, _SQL_EXPIRED, (), None)
 
     def mark_missing(self, key: FileKey, now: float) -> None:
-        """Remember when the path was first seen missing (later calls keep the first time)."""
+        """Remember when the path was first seen missing (later calls keep the first time); a source
+        after_sync removes or removed is not missing."""
         self._write(
-            "UPDATE files SET missing_since=coalesce(missing_since, ?) WHERE root_id=? AND relpath=?",
+            "UPDATE files SET missing_since=coalesce(missing_since, ?) WHERE root_id=? AND relpath=?"
+            " AND source IS NULL",
             (now, *_where(key)),
         )
 
@@ -835,12 +1114,101 @@ class Manifest(ManifestReader):
     def update_stat(self, key: FileKey, stat: StatKey) -> None:
         """Same content, new stat key (touch, copy-back): the next quick check skips hashing again.
 
-        Seeing the file also means it is not missing.
+        Seeing the file also means it is not missing. ``source`` is left alone: a row after_sync is
+        removing keeps its intent (the link it made moved the ctime), and the after_sync stage settles it.
         """
         self._write(
             "UPDATE files SET size=?, mtime_ns=?, ctime_ns=?, inode=?, missing_since=NULL, updated_at=?"
             " WHERE root_id=? AND relpath=?",
             (stat.size, stat.mtime_ns, stat.ctime_ns, _i64(stat.inode), self._clock(), *_where(key)),
+        )
+
+    # after_sync (design §3: a source it removed is not a local delete)
+
+    def mark_removing(self, key: FileKey, *, md5: str, dest: str | None) -> bool:
+        """Record the intent to delete (``dest`` None) or move the synced file, and commit it before the
+        file is touched: a crash in between leaves a row the next start finishes, never a "missing" one.
+
+        False when the row is no longer this synced content with its file in place.
+        """
+        changed = self._write(
+            "UPDATE files SET source='removing', source_dest=? WHERE root_id=? AND relpath=?"
+            " AND state='synced' AND remote_id IS NOT NULL AND md5=? AND source IS NULL",
+            (dest, *_where(key), md5),
+        )
+        self.commit()
+        return changed == 1
+
+    def mark_removed(self, key: FileKey, *, md5: str) -> bool:
+        """The file left the folder: the row stays ``synced`` and its remote copy is kept from now on,
+        whatever later takes over the path."""
+        changed = self._write(
+            "UPDATE files SET source='removed', missing_since=NULL WHERE root_id=? AND relpath=?"
+            " AND state='synced' AND md5=? AND source='removing'",
+            (*_where(key), md5),
+        )
+        if changed == 1:
+            self._write(
+                "UPDATE owned_remotes SET kept=1 WHERE remote_id=(SELECT remote_id FROM files"
+                " WHERE root_id=? AND relpath=?)",
+                _where(key),
+            )
+        return changed == 1
+
+    def clear_removing(self, key: FileKey) -> None:
+        """The removal did not happen (the file changed, the move failed): the file is the source again."""
+        self._write(
+            "UPDATE files SET source=NULL, source_dest=NULL WHERE root_id=? AND relpath=?"
+            " AND source='removing'",
+            _where(key),
+        )
+
+    # hooks
+
+    def record_hook(self, hook_id: str, definition: str) -> None:
+        """Remember a configured hook and when it was first seen (it runs for files synced from then on)."""
+        self._write(
+            "INSERT INTO hooks(hook_id, definition, first_seen) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (hook_id, definition, self._clock()),
+        )
+
+    def add_hook_run(
+        self,
+        hook_id: str,
+        *,
+        scope: str,
+        key: FileKey,
+        md5: str,
+        purpose: str,
+        remote_id: str,
+        size: int,
+        public_url: str | None,
+    ) -> HookRun | None:
+        """A pending run of ``hook_id`` for this synced content, unless one (pending or done) exists for
+        (hook, md5, purpose, scope): then None. Written in the caller's transaction, which also holds the
+        ``synced`` state, so neither survives a crash without the other."""
+        changed = self._write(
+            "INSERT INTO hook_runs(hook_id, md5, purpose, scope, root_id, relpath, remote_id, bytes,"
+            " public_url, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (hook_id, md5, purpose, scope, *_where(key), remote_id, size, public_url, self._clock()),
+        )
+        if changed != 1:
+            return None
+        run_id = self._conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        return HookRun(run_id, hook_id, *key, md5, purpose, remote_id, size, public_url, 0, None)
+
+    def hook_run_done(self, run_id: int) -> None:
+        now = self._clock()
+        self._write(
+            "UPDATE hook_runs SET done_at=?, last_attempt_at=?, next_attempt_at=NULL WHERE id=?",
+            (now, now, run_id),
+        )
+
+    def hook_run_failed(self, run_id: int, *, error: str, next_attempt_at: float) -> None:
+        self._write(
+            "UPDATE hook_runs SET attempts=attempts+1, last_error=?, last_attempt_at=?, next_attempt_at=?"
+            " WHERE id=?",
+            (error, self._clock(), next_attempt_at, run_id),
         )
 
     def remove(self, key: FileKey) -> None:
@@ -876,6 +1244,35 @@ class Manifest(ManifestReader):
         self._write(
             "UPDATE roots SET device=?, inode=? WHERE root_id=?", (_i64(device), _i64(inode), root_id)
         )
+
+    def bind_remote(self, base_url: str, api_key: str, *, rebind: bool) -> None:
+        """Make sure this manifest syncs with this remote (design §3): ownership means "uploaded *there*".
+
+        The first run records the remote. Another one is refused, nothing changed, unless ``rebind``:
+        then every ownership is forgotten (nothing there is known to be ours) and every synced row is
+        queued again, so it is re-matched by md5 (uploaded only where the new remote lacks it).
+        """
+        url, fingerprint = base_url.rstrip("/"), key_fingerprint(api_key)
+        bound = (self.meta(META_REMOTE_URL), self.meta(META_REMOTE_KEY))
+        if bound == (url, fingerprint):
+            return
+        if not rebind:
+            self.check_remote(base_url, api_key)
+        if bound != (None, None):
+            self._write("DELETE FROM owned_remotes", ())
+            self._write(
+                "UPDATE files SET state='queued', remote_id=NULL, owned=0, remote_created_at=NULL,"
+                " attempts=0, next_attempt_at=NULL, last_error=NULL, updated_at=?"
+                " WHERE state IN ('synced', 'uploading')",
+                (self._clock(),),
+            )
+            self._write(
+                "UPDATE files SET remote_id=NULL, owned=0 WHERE state IN ('deleted', 'expired', 'failed')", ()
+            )
+            self._write("DELETE FROM files WHERE state='deleted'", ())
+        self.set_meta(META_REMOTE_URL, url)
+        self.set_meta(META_REMOTE_KEY, fingerprint)
+        self.commit()
 
     def set_meta(self, key: str, value: str) -> None:
         """Small facts the daemon remembers between runs (not shown by ``status``, unlike notes)."""

@@ -10,46 +10,58 @@ The per-file flow the daemon runs:
    None, look the md5 up remotely and ``resolve(...)`` → ``Reuse`` (mark synced) | ``Upload``.
 4. After a failed upload: ``on_upload_error(...)`` → ``Failed`` | ``Retry``.
 5. After a full rescan, for every row the scan did not see: ``on_missing(entry, now, grace)``.
+6. Once a row is synced, in a drop folder: ``after_sync_action(entry, mode, seen, hooks_pending=)``, and
+   for a move, the first free name among ``destination_names(relpath)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal, Protocol
 
-from syncd.manifest import SETTLED, Entry, FileKey, RemoteRef, State, StatKey
+from syncd.manifest import SETTLED, Entry, FileKey, RemoteRef, Source, State, StatKey
 from syncd.roots import Root
 from syncd.scan import FileStat
 
 __all__ = [
+    "MAX_CLASH_SUFFIX",
     "RETRY_BASE_SECONDS",
     "RETRY_CAP_SECONDS",
+    "AfterSyncAction",
     "Candidate",
     "ErrorKind",
     "Failed",
+    "FinishRemoval",
     "Forget",
     "HashAction",
     "Keep",
+    "LeaveSource",
     "MarkDeleted",
     "MarkMissing",
     "MissingAction",
     "NeedRemote",
     "RemoteFileLike",
+    "RemoveSource",
     "Resolution",
     "Restat",
     "Retry",
+    "RetryRemoval",
     "Reuse",
+    "SourceSeen",
     "StatKey",
+    "SyncedFile",
     "Unchanged",
     "Upload",
     "UploadErrorAction",
     "UploadJob",
     "after_hash",
+    "after_sync_action",
     "counts_as_missing",
+    "destination_names",
     "is_due",
     "needs_hash",
     "on_missing",
@@ -162,14 +174,16 @@ def after_hash(entry: Entry | None, *, seen: StatKey, xxh3: str, md5: str, purpo
     """Decide what fresh digests mean for a row.
 
     A row still ``queued`` or ``uploading`` (left from before, e.g. a crash) always needs a remote,
-    as does a ``deleted`` one whose path came back. A purpose change counts as a change: a file
-    rejected for one purpose may be accepted under another.
+    as does a ``deleted`` one whose path came back, and a path whose source after_sync removed (a new
+    file, even with the same content: it is resolved by md5 and, in a drop folder, removed in turn). A
+    purpose change counts as a change: a file rejected for one purpose may be accepted under another.
+    The stat of a row after_sync is removing is that stage's to settle (its own link moved the ctime).
     """
-    if entry is None or entry.state not in SETTLED:
+    if entry is None or entry.state not in SETTLED or entry.source is Source.REMOVED:
         return NeedRemote(md5, purpose)
     if entry.xxh3 != xxh3 or entry.md5 != md5 or entry.purpose != purpose:
         return NeedRemote(md5, purpose)
-    return Unchanged() if entry.stat == seen else Restat(seen)
+    return Unchanged() if entry.stat == seen or entry.source is Source.REMOVING else Restat(seen)
 
 
 # 3. remote resolution
@@ -355,9 +369,10 @@ def on_missing(entry: Entry, now: float, grace: float) -> MissingAction:
     """A row whose path a full rescan did not find (only for roots that passed the availability guards).
 
     An ``uploading`` row is never deleted mid-flight: once the upload ends, a later rescan deletes it.
-    A clock that moved backwards only delays the deletion.
+    A clock that moved backwards only delays the deletion. A source after_sync removes or removed is
+    not missing: its remote copy stays (design §3).
     """
-    if entry.state is State.DELETED:
+    if entry.state is State.DELETED or entry.source is not None:
         return Keep()
     since = entry.missing_since if entry.missing_since is not None else now
     if now - since < grace or entry.state is State.UPLOADING:
@@ -365,3 +380,113 @@ def on_missing(entry: Entry, now: float, grace: float) -> MissingAction:
     if entry.state in _NO_LIVE_REMOTE:
         return Forget()
     return MarkDeleted()
+
+
+# 6. after a file is synced: hooks and after_sync
+
+
+@dataclass(frozen=True, slots=True)
+class SyncedFile:
+    """What the upload stage hands on when it marked a row synced: enough for hooks and after_sync."""
+
+    key: FileKey
+    md5: str
+    purpose: str
+    remote_id: str
+    size: int
+    public_url: str | None = None
+
+
+AfterSyncMode = Literal["keep", "delete", "move"]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSeen:
+    """One look at a synced row's file, and at a move's recorded destination."""
+
+    stat: StatKey | None
+    """The file at the row's path now; None when nothing is there."""
+    dest: StatKey | None = None
+    """The recorded destination of a move in progress; None when absent (or none recorded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveSource:
+    """Nothing to do now; ``reason`` says why (debug logs, tests)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveSource:
+    """Record the intent, then delete the file or move it under ``move_to``."""
+
+    mode: Literal["delete", "move"]
+
+
+@dataclass(frozen=True, slots=True)
+class FinishRemoval:
+    """A removal was cut short after the file reached its destination: ``unlink`` the source if it is
+    still there, then mark the row removed."""
+
+    unlink: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRemoval:
+    """A recorded intent was not carried out (the file is still there, and not at the destination):
+    clear it; the next look decides afresh."""
+
+
+AfterSyncAction = LeaveSource | RemoveSource | FinishRemoval | RetryRemoval
+
+
+def after_sync_action(
+    entry: Entry | None, mode: AfterSyncMode, seen: SourceSeen, *, hooks_pending: bool
+) -> AfterSyncAction:
+    """What after_sync does with a row (design §3: a source it removes is not a local delete).
+
+    A file leaves the folder only once the manifest says synced with a remote id, after the path's hooks
+    ran (they are given a path that exists), and while its stat is still the row's: a file rewritten or
+    touched since is left for the hash stage, which syncs it again first. A file already gone was not
+    removed by us: the missing-file rules decide. A recorded intent is finished when the file is gone, or
+    when the destination holds it (a hard link made, or a copy finished, the source not yet unlinked);
+    otherwise it is retried. The intent is honoured whatever ``mode`` says now (it was acted on already).
+    """
+    if entry is None or entry.state is not State.SYNCED or entry.remote_id is None:
+        return LeaveSource("not synced")
+    if entry.source is Source.REMOVED:
+        return LeaveSource("already removed")
+    if entry.source is Source.REMOVING:
+        now, dest, row = seen.stat, seen.dest, entry.stat
+        if now is None:
+            return FinishRemoval(unlink=False)
+        arrived = dest is not None and (dest.size, dest.mtime_ns) == (row.size, row.mtime_ns)
+        if arrived and dest is not None and (now.inode == dest.inode == row.inode or now == row):
+            return FinishRemoval(unlink=True)
+        return RetryRemoval()
+    if mode == "keep":
+        return LeaveSource("after_sync = keep")
+    if hooks_pending:
+        return LeaveSource("hooks pending")
+    if seen.stat is None:
+        return LeaveSource("gone")
+    if seen.stat != entry.stat:
+        return LeaveSource("changed since synced")
+    return RemoveSource(mode)
+
+
+MAX_CLASH_SUFFIX = 9999
+"""``name (9999).pdf`` is the last name tried; past it the move fails and is retried (a full folder)."""
+
+
+def destination_names(relpath: str) -> Iterator[str]:
+    """Where a moved file may go, in order: its own relpath, then ``name (1).ext``, ``name (2).ext`` …
+    in the same directory. The extension stays last so the file still opens with the same program."""
+    head, sep, name = relpath.rpartition("/")
+    stem, dot, ext = name.rpartition(".")
+    if not stem:  # ".bashrc", "README": no extension to keep
+        stem, dot, ext = name, "", ""
+    yield relpath
+    for n in range(1, MAX_CLASH_SUFFIX + 1):
+        yield f"{head}{sep}{stem} ({n}){dot}{ext}"

@@ -30,6 +30,10 @@ Choices (design §4 is silent on them), and why:
   ``expired`` (a crash between the delete and the commit must not re-upload it).
 - **Concurrency with the pipeline.** Rows synced after the listing began (``updated_at > now``) are not
   judged against it, and before each delete the live reference count is read again.
+- **after_sync.** A source that after_sync deleted or moved is not a local delete: its row stays
+  ``synced`` and its remote file counts as referenced (``OwnedRemote.refs``) even once a new file took
+  over the path, so it is never pruned as deleted or as an old version (retention still applies); a
+  vanished remote copy of it is not re-uploaded (there is nothing local to upload).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -53,6 +58,8 @@ from syncd.plan import MarkDeleted, counts_as_missing, on_missing
 from syncd.roots import Root, RootRecord, RootTable, kept_by, observe_root, unavailable_reason
 from syncd.rules import CompiledRules
 from syncd.scan import walk
+from syncd.state import StateError
+from syncd.supervise import Gate, held
 
 __all__ = [
     "FRACTION_MIN_DELETES",
@@ -67,6 +74,7 @@ __all__ = [
     "RemoteFile",
     "Requeue",
     "Why",
+    "held_guards",
     "observe_local",
     "plan_reconcile",
     "reconcile",
@@ -78,7 +86,15 @@ FRACTION_MIN_DELETES = 10
 CLOCK_SKEW_SECONDS = 300.0
 """An owned file absent from the listing but created this recently may postdate the listing: not forgotten."""
 NOTE_HELD = "reconcile:held"
+"""The guards that held the last plan back, joined by "; " (one guard's text has "; " of its own)."""
 NOTE_ERROR = "reconcile:error"
+_NEXT_GUARD = re.compile(r"; (?=(?:root-unavailable|max-delete|max-delete-fraction): )")
+
+
+def held_guards(note: str | None) -> list[str]:
+    """The guard lines of a NOTE_HELD note, for `status` and `/metrics` (syncd_held_prunes)."""
+    return _NEXT_GUARD.split(note) if note else []
+
 
 log = structlog.get_logger("syncd.reconcile")
 
@@ -287,7 +303,8 @@ def plan_reconcile(
         else:
             actions.append(Prune(rid, Why.DELETED, rid in listing, remove=remove))
     for rid, entry_group in sorted(synced.items()):
-        present = tuple(e for e in entry_group if e.missing_since is None)
+        # A source after_sync removed is not uploaded again: there is nothing local to upload.
+        present = tuple(e for e in entry_group if e.missing_since is None and e.source is None)
         if present:
             actions.append(Requeue(rid, present, forget=rid in owned))
     for rid, remote in owned.items():  # entries of the ledger no row mentions
@@ -409,8 +426,8 @@ def observe_local(roots: Sequence[Root], reader: ManifestReader, *, now: float) 
             return rules.accepts(relpath, 0) is None
 
         for entry in reader.iter_root(record.root_id):
-            if entry.state is not State.SYNCED or entry.relpath in seen:
-                continue
+            if entry.state is not State.SYNCED or entry.source is not None or entry.relpath in seen:
+                continue  # a source after_sync removed is not a local delete
             # As the sync pass decides: unreadable is not gone, and excluded by the rules is not deleted.
             if not counts_as_missing(
                 entry.relpath, recursive=root.watch.recursive, accepted=kept, unreadable=unreadable
@@ -668,6 +685,7 @@ async def run(
     forget: Callable[[], None],
     clock: Callable[[], float],
     counters: Counters,
+    gate: Gate,
 ) -> None:
     """Every ``interval_seconds`` once ``ready`` (every root scanned once): fresh root guards, then one
     run; returns when ``stop`` is set. ``forget`` drops the upload stage's listing, which a prune makes
@@ -693,6 +711,9 @@ async def run(
             for action in report.applied:
                 if isinstance(action, Prune) and action.listed:
                     counters.pruned[action.why.name.lower()] += 1
+        except StateError as exc:
+            await held(gate, exc)
+            continue
         except Exception:
             counters.crashed += 1
             log.exception("reconcile failed unexpectedly; trying again next interval")

@@ -4,6 +4,7 @@ daemon, the one-shot passes and `syncd files`."""
 from __future__ import annotations
 
 from syncd.api import FilesClient
+from syncd.api.client import FLOOR_THROUGHPUT
 from syncd.config import Config
 
 
@@ -22,4 +23,9 @@ def make_client(config: Config, base_url: str, key: str) -> FilesClient:
         retries=r.retries,
         concurrency=pool_size(config),
         presigned_threshold=r.presigned_threshold,
+        transport=r.transport,
+        # A cap shared by every upload in flight slows each one: its deadline must allow for that.
+        floor_throughput=min(
+            FLOOR_THROUGHPUT, (r.max_upload_rate or FLOOR_THROUGHPUT) / pool_size(config) / 2
+        ),
     )

@@ -35,6 +35,8 @@ from syncd.plan import (
 )
 from syncd.roots import Root, RootTable, file_filter
 from syncd.scan import FileStat, StatError, stat_path, walk
+from syncd.state import StateError
+from syncd.supervise import Gate, held
 
 log = structlog.get_logger("syncd.rescan")
 
@@ -155,6 +157,7 @@ async def run(
     counters: Counters,
     clock: Callable[[], float],
     state_dir: Path,
+    gate: Gate | None,
 ) -> None:
     """Walk what is asked until ``None``; requests that pile up meanwhile are coalesced (a full rescan
     of a root swallows its subtree requests)."""
@@ -182,6 +185,9 @@ async def run(
                     clock=clock,
                     state_dir=state_dir,
                 )
+            except StateError as exc:
+                await held(gate, exc)
+                continue  # resuming asks for a full rescan of every root
             except Exception:
                 counters.crashed += 1
                 log.exception("rescan failed unexpectedly; the next rescan tries again", root=str(root.path))

@@ -159,12 +159,19 @@ def _matchable(relpath: str) -> str:
     return relpath.replace("\n", "\x00") if "\n" in relpath else relpath
 
 
-def _single_pattern(pattern: str) -> GitIgnoreSpec:
+def _single_pattern(pattern: str, what: str = "purpose rule pattern") -> GitIgnoreSpec:
     """A purpose rule is one positive glob: a comment, blank or ``!negation`` would never match."""
     spec = GitIgnoreSpec.from_lines([pattern])
     if len(spec.patterns) != 1 or spec.patterns[0].include is not True:
-        raise ValueError(f"purpose rule pattern {pattern!r} is not a positive gitignore-style glob")
+        raise ValueError(f"{what} {pattern!r} is not a positive gitignore-style glob")
     return spec
+
+
+def matcher(pattern: str) -> Callable[[str], bool]:
+    """One positive gitignore-style glob (a hook's ``pattern``) as a relpath predicate; ValueError if it can
+    never match."""
+    spec = _single_pattern(pattern, "pattern")
+    return lambda relpath: spec.match_file(_matchable(relpath))
 
 
 def compile_rules(rules: RootRules) -> CompiledRules:

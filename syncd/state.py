@@ -32,6 +32,48 @@ class AlreadyRunning(RuntimeError):
     """Another process holds the state directory's lock."""
 
 
+class StateError(RuntimeError):
+    """The state directory cannot be used as it is (full, read-only, corrupt, from a newer syncd).
+
+    The message is one line naming the directory and what to do. ``transient`` faults (full, read-only)
+    go away by themselves or by a fix elsewhere: the daemon pauses and resumes, a one-shot command exits
+    1 (systemd may retry it). The others need a person: exit 2, which the units do not restart.
+    """
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.exit_code = 1 if transient else 2
+
+
+def _no_space(path: Path) -> bool:
+    """SQLite reports a write that hit a full disk as a plain "disk I/O error": ask the file system."""
+    try:
+        return os.statvfs(path).f_bavail == 0
+    except OSError:
+        return False
+
+
+def state_error(state_dir: Path, exc: BaseException) -> StateError:
+    """The one-line `StateError` for an OS or SQLite failure on the state dir."""
+    text = str(exc).lower()
+    errno_ = getattr(exc, "errno", None)
+    if "full" in text or errno_ == errno.ENOSPC or ("i/o" in text and _no_space(state_dir)):
+        return StateError(f"state dir {state_dir}: the disk is full; free some space", transient=True)
+    if "readonly" in text or "read-only" in text or errno_ in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StateError(
+            f"state dir {state_dir}: cannot be written (read-only or no permission); make it writable",
+            transient=True,
+        )
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return StateError(
+            f"state dir {state_dir}: the manifest is damaged ({exc}); syncd never resets it: move"
+            f" {MANIFEST_NAME} aside (a fresh one re-matches every file by md5) or restore it from a backup",
+            transient=False,
+        )
+    return StateError(f"state dir {state_dir}: {exc}; check the disk", transient=True)
+
+
 class StateLock:
     """Exclusive ``flock`` on ``state_dir/lock`` for the process's lifetime (design §3).
 
@@ -48,9 +90,12 @@ class StateLock:
         return self._fd is not None
 
     def acquire(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise state_error(self.state_dir, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -110,6 +155,8 @@ class LiveState:
     in_flight: int = 0
     concurrency: int = 0
     crashed: int = 0
+    paused: str | None = None
+    """Why the daemon takes no work now (the state dir cannot be written), or None."""
     last_reconcile_at: float | None = None
     queues: dict[str, int] = field(default_factory=dict)
 

@@ -10,10 +10,56 @@ from typing import TypeVar
 import structlog
 
 from syncd.counters import Counters
+from syncd.state import StateError
 
 T = TypeVar("T")
 
 log = structlog.get_logger("syncd.supervise")
+
+
+class Gate:
+    """Open while the state dir can be written. A stage whose write failed closes it and waits here, so
+    the daemon stops taking work (one log line) instead of failing every file; the daemon's probe opens it
+    again. Without a gate (one-shot commands) a `StateError` ends the pass."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self._closed = asyncio.Event()
+        self.reason: str | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def close(self, error: StateError) -> None:
+        if self.is_open:
+            log.error(
+                "state dir cannot be written: paused; resuming by itself once it can", reason=str(error)
+            )
+        self.reason = str(error)
+        self._open.clear()
+        self._closed.set()
+
+    def reopen(self) -> None:
+        log.info("state dir can be written again: resuming", was=self.reason)
+        self.reason = None
+        self._closed.clear()
+        self._open.set()
+
+    async def passing(self) -> None:
+        await self._open.wait()
+
+    async def closing(self) -> None:
+        await self._closed.wait()
+
+
+async def held(gate: Gate | None, error: StateError) -> None:
+    """What a stage does with a `StateError`: wait at the gate, or (no gate) end the pass with it."""
+    if gate is None:
+        raise error
+    gate.close(error)
+    await gate.passing()
 
 
 async def supervised(
@@ -25,6 +71,7 @@ async def supervised(
     what: str,
     key: Callable[[T], Hashable] | None = None,
     on_crash: Callable[[T, Exception], None] | None = None,
+    gate: Gate | None = None,
 ) -> None:
     """Run ``handle`` on each item, at most ``workers`` (or its current value) at once; return after
     ``None`` once the items in progress finished.
@@ -36,11 +83,16 @@ async def supervised(
     limit = workers if callable(workers) else (lambda: workers)
     running: set[asyncio.Task[None]] = set()
     busy: set[Hashable] = set()
+    fatal: list[BaseException] = []
     wake = asyncio.Event()
 
     async def one(item: T, k: Hashable) -> None:
         try:
             await handle(item)
+        except StateError as exc:
+            if gate is None:
+                raise
+            gate.close(exc)  # the item is picked up again by the rescan or retry sweep after resuming
         except Exception as exc:
             counters.crashed += 1
             log.exception(f"{what} failed unexpectedly", item=repr(item)[:200])
@@ -51,6 +103,8 @@ async def supervised(
 
     def finished(task: asyncio.Task[None]) -> None:
         running.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            fatal.append(error)
         wake.set()
 
     try:
@@ -58,15 +112,21 @@ async def supervised(
             k = key(item) if key is not None else object()
             if k in busy:
                 continue
+            if gate is not None:
+                await gate.passing()
             while len(running) >= max(1, limit()):
                 wake.clear()
                 await wake.wait()
+            if fatal:
+                raise fatal[0]  # one-shot: a StateError ends the pass
             busy.add(k)
             task = asyncio.create_task(one(item, k))
             running.add(task)
             task.add_done_callback(finished)
         while running:
-            await asyncio.gather(*running)
+            await asyncio.gather(*running)  # one-shot: a StateError ends the pass
+        if fatal:
+            raise fatal[0]
     finally:
         left = list(running)
         for task in left:

@@ -1,9 +1,11 @@
 """The upload stage: the manifest's own remote ids, then the remote cache, then a recorded-intent upload.
 
 Decisions come from `syncd.plan`; this module performs them against the manifest and the API client.
-Its input is a `JobQueue` (a row is never queued twice), its outputs are the manifest's rows and
-``resettle(key)`` for a file that changed under an upload. A row is never sent before its
-``next_attempt_at`` (``due``): backoff and a server's ``Retry-After`` are honoured whoever submits it.
+Its input is a `JobQueue` (a row is never queued twice), its outputs are the manifest's rows,
+``resettle(key)`` for a file that changed under an upload, and ``synced(SyncedFile)`` for each row it
+marked synced (the hook and after_sync stages' cue: a call that returns at once, never a wait). A row
+is never sent before its ``next_attempt_at`` (``due``): backoff and a server's ``Retry-After`` are
+honoured whoever submits it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import structlog
+from aiolimiter import AsyncLimiter
 
 from syncd.api import (
     ApiError,
@@ -28,10 +31,20 @@ from syncd.api import (
     OutcomeUnknownError,
     SourceChangedError,
 )
+from syncd.api.client import Throttle
 from syncd.counters import Counters
 from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, State
-from syncd.plan import ErrorKind, Failed, Reuse, UploadJob, on_upload_error, resolve, retry_delay
-from syncd.supervise import supervised
+from syncd.plan import (
+    ErrorKind,
+    Failed,
+    Reuse,
+    SyncedFile,
+    UploadJob,
+    on_upload_error,
+    resolve,
+    retry_delay,
+)
+from syncd.supervise import Gate, supervised
 
 log = structlog.get_logger("syncd.upload")
 
@@ -112,12 +125,15 @@ async def sync_job(
     remote_index: RemoteIndex | None = None,
     intent_window: float = 0.0,
     counters: Counters | None = None,
+    throttle: Throttle | None = None,
+    synced: Callable[[SyncedFile], None] | None = None,
 ) -> Outcome:
     """Give one queued row a remote file: reuse one if any exists for (md5, purpose), else upload.
 
     ``intent_window`` is how long an upload may take at most (all attempts): it bounds which remote files
-    created after a crash's recorded intent can be ours. An upload whose answer was lost is resolved as a
-    crash's is, by md5 lookup first, never by sending it again blindly.
+    created after a crash's recorded intent can be ours. ``synced`` hears of the row once it is synced. An
+    upload whose answer was lost is resolved as a crash's is, by md5 lookup first, never by sending it again
+    blindly.
     """
     counters = counters if counters is not None else Counters()
     rounds = 1
@@ -130,6 +146,8 @@ async def sync_job(
             remote_index=remote_index,
             intent_window=intent_window,
             counters=counters,
+            throttle=throttle,
+            synced=synced,
         ),
         _Unknown,
     ):
@@ -151,6 +169,8 @@ async def _sync_once(
     remote_index: RemoteIndex | None,
     intent_window: float,
     counters: Counters,
+    throttle: Throttle | None,
+    synced: Callable[[SyncedFile], None] | None,
 ) -> Outcome | _Unknown:
     ledger = _Ledger(manifest)
     local = manifest.local_copies(job.md5, job.purpose)
@@ -175,6 +195,9 @@ async def _sync_once(
             remote_created_at=decision.created_at,
         ):
             return Outcome.STALE
+        if synced is not None:
+            public_url = hit.public_url if hit is not None and hit.id == decision.remote_id else None
+            synced(SyncedFile(job.key, job.md5, job.purpose, decision.remote_id, job.stat.size, public_url))
         via = (
             "local" if decision.source == "manifest" else "listing" if remote_index is not None else "lookup"
         )
@@ -188,11 +211,26 @@ async def _sync_once(
         )
         counters.hits[via] += 1
         return Outcome.REUSED
-    return await _upload(job, manifest=manifest, client=client, clock=clock, counters=counters)
+    return await _upload(
+        job,
+        manifest=manifest,
+        client=client,
+        clock=clock,
+        counters=counters,
+        throttle=throttle,
+        synced=synced,
+    )
 
 
 async def _upload(
-    job: UploadJob, *, manifest: Manifest, client: FilesClient, clock: Callable[[], float], counters: Counters
+    job: UploadJob,
+    *,
+    manifest: Manifest,
+    client: FilesClient,
+    clock: Callable[[], float],
+    counters: Counters,
+    throttle: Throttle | None,
+    synced: Callable[[SyncedFile], None] | None,
 ) -> Outcome | _Unknown:
     if not manifest.mark_uploading(job.key, md5=job.md5):
         return Outcome.STALE
@@ -204,6 +242,7 @@ async def _upload(
             purpose=job.purpose,
             filename=remote_name(job.path.name),
             expected=(job.stat.size, job.stat.mtime_ns),
+            throttle=throttle,
         )
     except OutcomeUnknownError as exc:
         counters.failures[failure_kind(exc)] += 1
@@ -250,7 +289,11 @@ async def _upload(
         bytes=response.bytes,
         purpose=job.purpose,
     )
-    return Outcome.UPLOADED if marked else Outcome.STALE
+    if not marked:
+        return Outcome.STALE
+    if synced is not None:
+        synced(SyncedFile(job.key, job.md5, job.purpose, response.id, response.bytes, response.public_url))
+    return Outcome.UPLOADED
 
 
 def failure_kind(exc: ApiError) -> str:
@@ -311,6 +354,24 @@ OBSERVED_SIZE = 1 << 20  # jobs up to this size tell the depth controller about 
 PREFETCH_LISTING_MIN = 64  # at least this many new files make one listing cheaper than N hash lookups
 LISTING_PAGES_PER_FILE = 0.05  # give up on the listing beyond one page per 20 new files (huge remotes)
 INDEX_TTL_SECONDS = 600.0  # after this, a cache check asks the server again
+
+
+class UploadRate:
+    """`[remote] max_upload_rate`: one budget of bytes per second shared by every upload in flight.
+
+    A leaky bucket (aiolimiter) refilled every tenth of a second, so the burst after an idle spell is a
+    tenth of a second's worth and the rate over a few seconds stays within a few percent of the cap.
+    """
+
+    def __init__(self, bytes_per_second: int) -> None:
+        self._piece = max(1, bytes_per_second // 10)
+        self._limiter = AsyncLimiter(self._piece, 0.1)
+
+    async def __call__(self, size: int) -> None:
+        while size > 0:
+            take = min(size, self._piece)
+            await self._limiter.acquire(take)
+            size -= take
 
 
 class JobQueue:
@@ -401,6 +462,9 @@ async def run(
     counters: Counters,
     concurrency: Callable[[], int],
     observe: Callable[[float, float, Literal["ok", "overload"]], None],
+    gate: Gate | None,
+    synced: Callable[[SyncedFile], None],
+    throttle: Throttle | None = None,
 ) -> None:
     """Jobs in until ``None``, up to ``concurrency()`` at once; each row ends synced, failed or scheduled.
 
@@ -448,6 +512,8 @@ async def run(
                 remote_index=await cache.index(),
                 intent_window=client.longest_upload(job.stat.size),
                 counters=counters,
+                throttle=throttle,
+                synced=synced,
             )
         finally:
             counters.in_flight -= 1
@@ -480,4 +546,6 @@ async def run(
                 keep_intent=True,
             )
 
-    await supervised(jobs.queue, one, workers=concurrency, counters=counters, what="upload", on_crash=crashed)
+    await supervised(
+        jobs.queue, one, workers=concurrency, counters=counters, what="upload", on_crash=crashed, gate=gate
+    )

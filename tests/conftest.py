@@ -27,9 +27,11 @@ import httpx
 import pytest
 from hypothesis import settings
 
-from syncd.manifest import Entry, ManifestMissing, ManifestReader, State
+from syncd.api import TRANSPORTS, TransportKind
+from syncd.manifest import Entry, Manifest, ManifestMissing, ManifestReader, State
 from syncd.server import RunningServer, ServerSettings, running_server
 from syncd.server.store import Clock
+from syncd.state import StateLock
 
 T = TypeVar("T")
 
@@ -66,6 +68,20 @@ class ServerFactory(Protocol):
 
 
 @pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Iterator[Manifest]:
+    """A real manifest file in tmp_path, opened under its lock (the writer the daemon holds)."""
+    with StateLock(tmp_path / "state") as lock:
+        m = Manifest.open(lock)
+        yield m
+        m.close()
+
+
+@pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     """Start reference servers (port 0, random key, data dir under tmp_path unless ``data_dir`` is given);
     keyword arguments override :class:`ServerSettings` fields. All are stopped at teardown."""
@@ -91,6 +107,13 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
 def server(server_factory: ServerFactory) -> RunningServer:
     """A reference server with default settings."""
     return server_factory()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport_kind(request: pytest.FixtureRequest) -> TransportKind:
+    """The client's transport: a test taking this runs once per transport, as both must keep every promise."""
+    kind: TransportKind = request.param
+    return kind
 
 
 # --- end-to-end: syncd as a real process (tests/test_e2e_*.py) ---------------------------------------

@@ -1,11 +1,16 @@
 """The Files API client against the reference server on 127.0.0.1 (fixtures in tests/conftest.py).
 
-Requests are counted by a thin wrapper around httpx's real transport, so "exactly one request" is what
-went over the wire; waits are recorded by an injected sleep, so retry tests spend no wall time.
+Every test that talks to the server runs once per transport (``transport_kind``: aiohttp's and httpx's),
+since the client's promises must hold on both. Requests are counted by a thin wrapper around the real
+transport, so "exactly one request" is what went over the wire; what the transport itself put on the wire
+(headers it adds, framing) is read by a TCP relay in front of the server. Waits are recorded by an injected
+sleep, so retry tests spend no wall time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -18,10 +23,13 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
+import yarl
 from hypothesis import given
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from syncd.api import (
     AuthError,
@@ -35,8 +43,11 @@ from syncd.api import (
     TooLargeError,
     UnsupportedTypeError,
     ValidationError,
+    make_transport,
 )
+from syncd.api.aiohttp_transport import to_httpx_error
 from syncd.api.retry import backoff_delay, parse_retry_after
+from syncd.api.transport import TransportKind
 from syncd.server import RunningServer
 
 pytestmark = pytest.mark.anyio
@@ -46,11 +57,6 @@ GiB = 2**30
 
 
 ServerFactory = Callable[..., RunningServer]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @dataclass
@@ -66,11 +72,11 @@ class Wire:
 
 
 class CountingTransport(httpx.AsyncBaseTransport):
-    """httpx's real transport, recording each request in ``wire`` before sending it."""
+    """A real transport of ``kind``, recording each request in ``wire`` before sending it."""
 
-    def __init__(self, wire: Wire) -> None:
+    def __init__(self, wire: Wire, kind: TransportKind) -> None:
         self.wire = wire
-        self.inner = httpx.AsyncHTTPTransport()
+        self.inner = make_transport(kind, concurrency=8)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.wire.sent.append((request.method, request.url.path, request.headers.copy()))
@@ -85,6 +91,7 @@ class CountingTransport(httpx.AsyncBaseTransport):
 @dataclass
 class Harness:
     server: RunningServer | None
+    kind: TransportKind
     wire: Wire
     waits: list[float]
 
@@ -96,7 +103,7 @@ class Harness:
             "base_url": self.server.base_url if self.server else "",
             "api_key": self.server.api_key if self.server else "",
             "timeout": 10.0,
-            "transport": CountingTransport(self.wire),
+            "transport": CountingTransport(self.wire, self.kind),
             "sleep": sleep,
             "uniform": lambda: 0.5,
         }
@@ -104,8 +111,81 @@ class Harness:
         return FilesClient(**options)
 
 
-def harness(server: RunningServer) -> Harness:
-    return Harness(server=server, wire=Wire(), waits=[])
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of the server, below any transport: it keeps the bytes each client
+    connection sent, can cut a connection at the first request that starts with ``cut``, and with ``hold``
+    passes no answer back (a server that does not respond in time)."""
+
+    def __init__(self, server: RunningServer, *, cut: bytes | None = None, hold: bool = False) -> None:
+        url = httpx.URL(server.base_url)
+        self.upstream = (url.host, url.port or 80)
+        self.cut = cut
+        self.hold = hold
+        self.streams: list[bytearray] = []
+        self.base_url = ""
+        self._writers: list[asyncio.StreamWriter] = []
+        self._listener: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Relay:
+        self._listener = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self._listener.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._listener is not None
+        self._listener.close()
+        for writer in self._writers:
+            writer.transport.abort()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(*self.upstream)
+        self._writers += [client_w, server_w]
+        sent = bytearray()
+        self.streams.append(sent)
+
+        async def requests() -> None:
+            while data := await client_r.read(1 << 16):
+                seen = max(0, len(sent) - len(self.cut or b""))
+                sent.extend(data)
+                if self.cut is not None and self.cut in sent[seen:]:
+                    client_w.transport.abort()
+                    server_w.transport.abort()
+                    return
+                server_w.write(data)
+                await server_w.drain()
+            server_w.close()
+
+        async def answers() -> None:
+            while data := await server_r.read(1 << 16):
+                if not self.hold:
+                    client_w.write(data)
+                    await client_w.drain()
+            client_w.close()
+
+        with contextlib.suppress(ConnectionError):
+            await asyncio.gather(requests(), answers())
+
+    def requests(self) -> list[tuple[str, dict[str, str]]]:
+        """(request line, headers) of every request sent, each connection's framed by its Content-Length;
+        parsing stops at a chunked request (there should be none)."""
+        found: list[tuple[str, dict[str, str]]] = []
+        for stream in self.streams:
+            pos = 0
+            while (end := stream.find(b"\r\n\r\n", pos)) != -1:
+                line, *fields = stream[pos:end].decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
+                found.append((line, headers))
+                if "transfer-encoding" in headers:
+                    break
+                pos = end + 4 + int(headers.get("content-length", "0"))
+            else:
+                assert pos == len(stream), "the bytes sent do not match the Content-Lengths sent"
+        return found
+
+
+def harness(server: RunningServer | None, kind: TransportKind) -> Harness:
+    return Harness(server=server, kind=kind, wire=Wire(), waits=[])
 
 
 async def remote_bytes(server: RunningServer, file_id: str) -> bytes:
@@ -130,8 +210,8 @@ def write(path: Path, data: bytes) -> Path:
 # -- every call --------------------------------------------------------------------------------------
 
 
-async def test_calls_round_trip(server: RunningServer, tmp_path: Path) -> None:
-    h = harness(server)
+async def test_calls_round_trip(server: RunningServer, tmp_path: Path, transport_kind: TransportKind) -> None:
+    h = harness(server, transport_kind)
     data = os.urandom(300_000)
     src = write(tmp_path / "scan 1.pdf", data)
     async with h.client() as client:
@@ -161,16 +241,20 @@ async def test_calls_round_trip(server: RunningServer, tmp_path: Path) -> None:
     assert h.waits == []
 
 
-async def test_empty_file_is_an_ordinary_upload(server: RunningServer, tmp_path: Path) -> None:
-    h = harness(server)
+async def test_empty_file_is_an_ordinary_upload(
+    server: RunningServer, tmp_path: Path, transport_kind: TransportKind
+) -> None:
+    h = harness(server, transport_kind)
     async with h.client() as client:
         uploaded = await client.upload(write(tmp_path / "empty.txt", b""), purpose="datasets")
     assert uploaded.bytes == 0
     assert await remote_bytes(server, uploaded.id) == b""
 
 
-async def test_presigned_upload_sends_no_key_to_the_url(server: RunningServer, tmp_path: Path) -> None:
-    h = harness(server)
+async def test_presigned_upload_sends_no_key_to_the_url(
+    server: RunningServer, tmp_path: Path, transport_kind: TransportKind
+) -> None:
+    h = harness(server, transport_kind)
     data = os.urandom(50_000)
     async with h.client(presigned_threshold=10_000) as client:
         uploaded = await client.upload(
@@ -186,8 +270,63 @@ async def test_presigned_upload_sends_no_key_to_the_url(server: RunningServer, t
     assert all("authorization" in headers for _, _, headers in (h.wire.sent[0], h.wire.sent[2]))
 
 
-async def test_list_all_pages_until_a_short_page(server_factory: ServerFactory, tmp_path: Path) -> None:
-    h = harness(server_factory())
+async def test_on_the_wire_bodies_have_their_exact_length_and_the_put_carries_no_key(
+    server: RunningServer, tmp_path: Path, transport_kind: TransportKind
+) -> None:
+    h = harness(server, transport_kind)
+    big, small = os.urandom(50_000), os.urandom(2_000)
+    async with Relay(server) as tap:
+        async with h.client(base_url=tap.base_url, presigned_threshold=10_000) as client:
+            await client.upload(write(tmp_path / "big.bin", big), purpose="batch")
+            await client.upload(write(tmp_path / "small.bin", small), purpose="batch")
+        sent = tap.requests()
+    assert [line.split()[0] for line, _ in sent] == ["POST", "PUT", "GET", "POST"]
+    assert all("transfer-encoding" not in headers for _, headers in sent)
+    (_, put), (_, post) = sent[1], sent[3]
+    assert "authorization" not in put
+    assert put["content-length"] == str(len(big))
+    assert int(post["content-length"]) > len(small)  # the multipart framing around the file
+    bearer = f"Bearer {server.api_key}"
+    assert [headers.get("authorization") for _, headers in sent] == [bearer, None, bearer, bearer]
+
+
+async def test_a_connection_cut_mid_upload_is_a_network_error_naming_no_secret(
+    server: RunningServer, tmp_path: Path, transport_kind: TransportKind
+) -> None:
+    h = harness(server, transport_kind)
+    async with (
+        Relay(server, cut=b"PUT /v1/uploads/") as tap,
+        h.client(base_url=tap.base_url, presigned_threshold=MiB, retries=1) as client,
+    ):
+        with pytest.raises(NetworkError) as caught:
+            await client.upload(write(tmp_path / "big.bin", os.urandom(4 * MiB)), purpose="batch")
+    message = str(caught.value)
+    assert caught.value.retryable
+    assert "timed out" not in message
+    assert server.api_key not in message
+    assert "token=" not in message
+    assert len(h.waits) == 1
+    assert [m for m, _, _ in h.wire.sent] == ["POST", "PUT", "PUT"]
+
+
+async def test_an_answer_that_does_not_come_in_time_is_a_network_error(
+    server: RunningServer, transport_kind: TransportKind
+) -> None:
+    h = harness(server, transport_kind)
+    async with (
+        Relay(server, hold=True) as tap,
+        h.client(base_url=tap.base_url, timeout=0.3, retries=0) as client,
+    ):
+        with pytest.raises(NetworkError) as caught:
+            await client.get("any-id")
+    assert "timed out" in str(caught.value)
+    assert caught.value.retryable
+
+
+async def test_list_all_pages_until_a_short_page(
+    server_factory: ServerFactory, tmp_path: Path, transport_kind: TransportKind
+) -> None:
+    h = harness(server_factory(), transport_kind)
     async with h.client() as client:
         ids = [
             (await client.upload(write(tmp_path / f"f{i}.txt", f"file {i}".encode()), purpose="vision")).id
@@ -203,9 +342,11 @@ async def test_list_all_pages_until_a_short_page(server_factory: ServerFactory, 
 
 
 @pytest.mark.parametrize("kind", ["500", "503", "429", "reset"])
-async def test_retries_recover_from_faults(server_factory: ServerFactory, tmp_path: Path, kind: str) -> None:
+async def test_retries_recover_from_faults(
+    server_factory: ServerFactory, tmp_path: Path, kind: str, transport_kind: TransportKind
+) -> None:
     server = server_factory(fault_rate=0.5, fault_kinds=(kind,), fault_seed=7)
-    h = harness(server)
+    h = harness(server, transport_kind)
     direct = os.urandom(200_000)
     presigned = os.urandom(120_000)
     async with h.client(retries=12, presigned_threshold=100_000) as client:
@@ -222,12 +363,12 @@ async def test_retries_recover_from_faults(server_factory: ServerFactory, tmp_pa
 
 @pytest.mark.parametrize("kind", ["500", "reset"])
 async def test_an_upload_that_may_have_been_stored_is_not_sent_again(
-    server_factory: ServerFactory, tmp_path: Path, kind: str
+    server_factory: ServerFactory, tmp_path: Path, kind: str, transport_kind: TransportKind
 ) -> None:
     """A direct upload stores a new file each time: after an answer that does not say whether it did, a
     second send could store a second copy. The caller resolves it by md5 lookup instead."""
     server = server_factory(fault_rate=1.0, fault_kinds=(kind,))
-    h = harness(server)
+    h = harness(server, transport_kind)
     async with h.client(retries=5) as client:
         with pytest.raises(OutcomeUnknownError) as caught:
             await client.upload(write(tmp_path / "a.txt", b"a" * 500), purpose="assistants")
@@ -236,17 +377,21 @@ async def test_an_upload_that_may_have_been_stored_is_not_sent_again(
     assert h.waits == []
 
 
-async def test_an_upload_refused_for_now_is_sent_again(server_factory: ServerFactory, tmp_path: Path) -> None:
+async def test_an_upload_refused_for_now_is_sent_again(
+    server_factory: ServerFactory, tmp_path: Path, transport_kind: TransportKind
+) -> None:
     server = server_factory(fault_rate=1.0, fault_kinds=("503",))
-    h = harness(server)
+    h = harness(server, transport_kind)
     async with h.client(retries=2) as client:
         with pytest.raises(ServerError):
             await client.upload(write(tmp_path / "a.txt", b"a" * 500), purpose="assistants")
     assert h.wire.counts()[("POST", "/v1/files")] == 3
 
 
-async def test_retry_after_is_a_floor_for_the_wait(server_factory: ServerFactory) -> None:
-    h = harness(server_factory(fault_rate=1.0, fault_kinds=("429",), fault_seed=1))
+async def test_retry_after_is_a_floor_for_the_wait(
+    server_factory: ServerFactory, transport_kind: TransportKind
+) -> None:
+    h = harness(server_factory(fault_rate=1.0, fault_kinds=("429",), fault_seed=1), transport_kind)
     async with h.client(retries=2, uniform=lambda: 0.0) as client:
         with pytest.raises(RateLimitedError) as caught:
             await client.get("any-id")
@@ -256,8 +401,10 @@ async def test_retry_after_is_a_floor_for_the_wait(server_factory: ServerFactory
     assert len(h.wire.sent) == 3
 
 
-async def test_retry_after_beyond_the_limit_is_left_to_the_caller(server_factory: ServerFactory) -> None:
-    h = harness(server_factory(fault_rate=1.0, fault_kinds=("429",), fault_seed=1))
+async def test_retry_after_beyond_the_limit_is_left_to_the_caller(
+    server_factory: ServerFactory, transport_kind: TransportKind
+) -> None:
+    h = harness(server_factory(fault_rate=1.0, fault_kinds=("429",), fault_seed=1), transport_kind)
     async with h.client(retries=5, max_retry_after=0.5) as client:
         with pytest.raises(RateLimitedError) as caught:
             await client.get("any-id")
@@ -268,7 +415,7 @@ async def test_retry_after_beyond_the_limit_is_left_to_the_caller(server_factory
 
 @pytest.mark.parametrize("threshold", [4 * MiB, 100], ids=["direct", "presigned"])
 async def test_file_changing_while_sent_is_not_stored(
-    server: RunningServer, tmp_path: Path, threshold: int
+    server: RunningServer, tmp_path: Path, threshold: int, transport_kind: TransportKind
 ) -> None:
     # Larger than SMALL_FILE, so it is streamed (a small file is read whole first: a consistent snapshot).
     src = write(tmp_path / "scan.pdf", os.urandom(MiB + MiB // 2))
@@ -278,7 +425,7 @@ async def test_file_changing_while_sent_is_not_stored(
             with src.open("ab") as f:
                 f.write(b"page 2")
 
-    h = harness(server)
+    h = harness(server, transport_kind)
     async with h.client(presigned_threshold=threshold) as client:
         h.wire.on_send = scanner_appends_a_page
         with pytest.raises(SourceChangedError):
@@ -293,9 +440,9 @@ async def test_file_changing_while_sent_is_not_stored(
 
 @pytest.mark.parametrize("threshold", [MiB, 100], ids=["direct", "presigned"])
 async def test_too_large_is_permanent_and_sent_once(
-    server_factory: ServerFactory, tmp_path: Path, threshold: int
+    server_factory: ServerFactory, tmp_path: Path, threshold: int, transport_kind: TransportKind
 ) -> None:
-    h = harness(server_factory(max_bytes=1000))
+    h = harness(server_factory(max_bytes=1000), transport_kind)
     async with h.client(presigned_threshold=threshold) as client:
         with pytest.raises(TooLargeError) as caught:
             await client.upload(write(tmp_path / "x.bin", os.urandom(2000)), purpose="assistants")
@@ -307,9 +454,9 @@ async def test_too_large_is_permanent_and_sent_once(
 
 @pytest.mark.parametrize("threshold", [MiB, 100], ids=["direct", "presigned"])
 async def test_unsupported_type_is_permanent_and_sent_once(
-    server_factory: ServerFactory, tmp_path: Path, threshold: int
+    server_factory: ServerFactory, tmp_path: Path, threshold: int, transport_kind: TransportKind
 ) -> None:
-    h = harness(server_factory(reject_types=(".exe", "application/x-msdownload")))
+    h = harness(server_factory(reject_types=(".exe", "application/x-msdownload")), transport_kind)
     async with h.client(presigned_threshold=threshold) as client:
         with pytest.raises(UnsupportedTypeError) as caught:
             await client.upload(write(tmp_path / "setup.exe", os.urandom(500)), purpose="assistants")
@@ -320,9 +467,9 @@ async def test_unsupported_type_is_permanent_and_sent_once(
 
 @pytest.mark.parametrize("threshold", [MiB, 100], ids=["direct", "presigned"])
 async def test_unknown_purpose_is_a_permanent_validation_error(
-    server: RunningServer, tmp_path: Path, threshold: int
+    server: RunningServer, tmp_path: Path, threshold: int, transport_kind: TransportKind
 ) -> None:
-    h = harness(server)
+    h = harness(server, transport_kind)
     async with h.client(presigned_threshold=threshold) as client:
         with pytest.raises(ValidationError) as caught:
             await client.upload(write(tmp_path / "a.txt", b"a" * 500), purpose="nonsense")
@@ -331,8 +478,8 @@ async def test_unknown_purpose_is_a_permanent_validation_error(
     assert_sent_once(h)
 
 
-async def test_not_found_is_sent_once(server: RunningServer) -> None:
-    h = harness(server)
+async def test_not_found_is_sent_once(server: RunningServer, transport_kind: TransportKind) -> None:
+    h = harness(server, transport_kind)
     async with h.client() as client:
         with pytest.raises(NotFoundError) as caught:
             await client.get("no-such-file")
@@ -343,8 +490,10 @@ async def test_not_found_is_sent_once(server: RunningServer) -> None:
     assert_sent_once(h)
 
 
-async def test_wrong_key_is_an_auth_error_without_retry(server: RunningServer, tmp_path: Path) -> None:
-    h = harness(server)
+async def test_wrong_key_is_an_auth_error_without_retry(
+    server: RunningServer, tmp_path: Path, transport_kind: TransportKind
+) -> None:
+    h = harness(server, transport_kind)
     async with h.client(api_key="wrong") as client:
         with pytest.raises(AuthError) as caught:
             await client.health()
@@ -354,16 +503,17 @@ async def test_wrong_key_is_an_auth_error_without_retry(server: RunningServer, t
     assert_sent_once(h)
 
 
-async def test_refused_connection_is_a_retried_network_error() -> None:
+async def test_refused_connection_is_a_retried_network_error(transport_kind: TransportKind) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    h = Harness(server=None, wire=Wire(), waits=[])
+    h = harness(None, transport_kind)
     async with h.client(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", retries=3) as client:
         with pytest.raises(NetworkError) as caught:
             await client.health()
     assert caught.value.retryable
     assert caught.value.status is None
+    assert "timed out" not in str(caught.value)
     assert len(h.waits) == 3
     assert len(h.wire.sent) == 4
 
@@ -379,7 +529,7 @@ def assert_sent_once(h: Harness) -> None:
 
 @pytest.mark.parametrize("mode", ["direct", "presigned"])
 async def test_big_upload_streams_with_flat_memory(
-    server_factory: ServerFactory, tmp_path: Path, mode: str
+    server_factory: ServerFactory, tmp_path: Path, mode: str, transport_kind: TransportKind
 ) -> None:
     size = 200 * MiB
     # An explicit max_bytes: without one the server (as of writing) caps a presigned PUT at its 64 MiB
@@ -390,7 +540,7 @@ async def test_big_upload_streams_with_flat_memory(
         f.truncate(size)
         f.seek(size - 5)
         f.write(b"tail!")
-    h = harness(server)
+    h = harness(server, transport_kind)
     threshold = size if mode == "direct" else MiB
     try:
         tracemalloc.start()
@@ -407,6 +557,50 @@ async def test_big_upload_streams_with_flat_memory(
     assert peak < 16 * MiB
     async with h.client() as client:
         await client.delete(uploaded.id)
+
+
+# -- pure: aiohttp's errors as httpx's ---------------------------------------------------------------
+
+PUT_URL = "http://127.0.0.1:9/v1/uploads/file-1?expires=1&token=5ec7e7"
+
+
+def _bad_status() -> aiohttp.ClientResponseError:
+    url = yarl.URL(PUT_URL)
+    info = aiohttp.RequestInfo(url, "PUT", CIMultiDictProxy(CIMultiDict()), url)
+    return aiohttp.ClientResponseError(info, (), status=400, message="Invalid HTTP status line")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (aiohttp.ServerDisconnectedError(), httpx.RemoteProtocolError),
+        (aiohttp.ClientPayloadError("Response payload is not completed"), httpx.RemoteProtocolError),
+        (_bad_status(), httpx.RemoteProtocolError),
+        (aiohttp.SocketTimeoutError("Timeout on reading data from socket"), httpx.ReadTimeout),
+        (aiohttp.ConnectionTimeoutError("Connection timeout to host"), httpx.ConnectTimeout),
+        (aiohttp.ClientOSError(None, f"Can not write request body for {PUT_URL}"), httpx.NetworkError),
+        (aiohttp.ClientConnectionError("Connection closed"), httpx.NetworkError),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else "",
+)
+@pytest.mark.parametrize("premapped", [False, True], ids=["raw", "as-httpx-aiohttp-maps-it"])
+def test_aiohttp_errors_become_httpx_errors_of_their_kind_without_the_url_query(
+    error: aiohttp.ClientError, expected: type[httpx.TransportError], premapped: bool
+) -> None:
+    request = httpx.Request("PUT", PUT_URL)
+    raised: Exception = error
+    if premapped:  # httpx-aiohttp turns every ClientConnectionError into ConnectTimeout, for one
+        raised = httpx.ConnectTimeout(str(error))
+        raised.__cause__ = error
+    mapped = to_httpx_error(raised, request)
+    assert type(mapped) is expected
+    assert type(error).__name__ in str(mapped)
+    assert "token" not in str(mapped)
+
+
+def test_errors_that_are_not_aiohttps_pass_unchanged() -> None:
+    error = ValueError("not ours")
+    assert to_httpx_error(error, httpx.Request("GET", PUT_URL)) is error
 
 
 # -- pure parts of the retry policy ------------------------------------------------------------------

@@ -24,7 +24,7 @@ def test_status_shows_the_running_daemons_live_state(
     assert live["age_seconds"] < 60
     assert live["crashed"] == 0
     assert live["concurrency"] >= 1
-    assert set(live["queues"]) == {"hash", "upload"}
+    assert set(live["queues"]) == {"hash", "upload", "hooks", "after_sync"}
     text = w.cli("status")
     assert f"pid {daemon.proc.pid}" in text.stdout
     assert daemon.stop() == 0

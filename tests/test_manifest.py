@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncd.manifest import (
+    MIGRATIONS,
     REMOVABLE,
     RETRYABLE_FROM,
     SCHEMA_VERSION,
@@ -104,6 +105,25 @@ def test_a_manifest_from_a_newer_syncd_is_refused(tmp_path: Path) -> None:
             Manifest.open(lock)
     with pytest.raises(SchemaMismatch, match="v99"):
         ManifestReader.open_readonly(tmp_path)
+
+
+def test_a_v1_manifest_is_migrated_to_the_state_time_index(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / MANIFEST_NAME, isolation_level=None)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    MIGRATIONS[0](conn)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.close()
+    with StateLock(tmp_path) as lock:
+        m = Manifest.open(lock)
+        indexes = {r[0] for r in m._conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        plan = m._conn.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM files WHERE state='synced' ORDER BY updated_at DESC LIMIT 5"
+        ).fetchall()
+        m.close()
+    assert "files_state_time" in indexes
+    assert "files_state" not in indexes
+    assert "files_state_time" in str(plan)
+    assert "TEMP B-TREE" not in str(plan)  # no sort: the walk stops after LIMIT rows
 
 
 def test_open_requires_the_lock(tmp_path: Path) -> None:
@@ -239,6 +259,23 @@ def test_expired_rows_keep_history_but_are_not_live(manifest: Manifest) -> None:
     assert manifest.local_copies(M1, "assistants") == []
 
 
+def test_newest_in_state_is_newest_first_and_bounded(manifest: Manifest, clock: Clock) -> None:
+    for i in range(5):
+        clock.now += 1
+        sync(manifest, FileKey(1, f"s{i}.pdf"), f"file-{i}", owned=True)
+        clock.now += 1
+        queue(manifest, FileKey(1, f"f{i}.pdf"))
+        assert manifest.mark_failed(FileKey(1, f"f{i}.pdf"), md5=M1, reason=f"TooLargeError: {i}")
+    manifest.commit()
+    assert [e.relpath for e in manifest.newest_in_state(State.SYNCED, 3)] == ["s4.pdf", "s3.pdf", "s2.pdf"]
+    failed = manifest.newest_in_state(State.FAILED, 10)
+    assert [(e.relpath, e.last_error) for e in failed[:2]] == [
+        ("f4.pdf", "TooLargeError: 4"),
+        ("f3.pdf", "TooLargeError: 3"),
+    ]
+    assert len(failed) == 5
+
+
 def test_roots_and_notes(manifest: Manifest) -> None:
     root = manifest.ensure_root("/srv/scans", device=2**63 + 5, inode=128)
     again = manifest.ensure_root("/srv/scans", device=1, inode=1)
@@ -248,6 +285,10 @@ def test_roots_and_notes(manifest: Manifest) -> None:
     manifest.set_root_identity(root.root_id, device=7, inode=8)
     [stored] = manifest.roots()
     assert (stored.device, stored.inode, stored.live_rows, stored.had_files) == (7, 8, 1, True)
+    gone = FileKey(root.root_id, "gone.pdf")
+    queue(manifest, gone)
+    manifest.mark_deleted(gone)
+    assert [r.live_rows for r in manifest.roots()] == [1]  # a deleted row is not a live file
     manifest.set_note("pruning held", "root /srv/scans is on another device")
     assert manifest.notes() == {"pruning held": "root /srv/scans is on another device"}
     manifest.clear_note("pruning held")

@@ -19,7 +19,7 @@ import pytest
 from conftest import FakeClock, ServerFactory
 from vlmrun.client import VLMRun
 
-from syncd.api import FileResponse, FilesClient
+from syncd.api import FileResponse, FilesClient, TransportKind, make_transport
 from syncd.config import Config, parse_config
 from syncd.counters import Counters
 from syncd.daemon import Run
@@ -37,8 +37,8 @@ class FaultyTransport(httpx.AsyncBaseTransport):
     """Forwards to the real server; ``fault(request)`` may fail a request before it is sent ("before")
     or after the server handled it, losing the response ("after")."""
 
-    def __init__(self, fault: Callable[[httpx.Request], str | None]) -> None:
-        self._inner = httpx.AsyncHTTPTransport()
+    def __init__(self, kind: TransportKind, fault: Callable[[httpx.Request], str | None]) -> None:
+        self._inner = make_transport(kind, concurrency=8)
         self._fault = fault
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -68,11 +68,13 @@ class Harness:
         server: RunningServer,
         clock: FakeClock,
         *,
+        kind: TransportKind = "aiohttp",
         watch: dict[str, Any] | None = None,
         reconcile: dict[str, Any] | None = None,
     ) -> None:
         self.server = server
         self.clock = clock
+        self.kind = kind
         self.root = base / "root"
         self.root.mkdir(parents=True)
         self.state = base / "state"
@@ -105,7 +107,10 @@ class Harness:
 
     def client(self, transport: httpx.AsyncBaseTransport | None = None) -> FilesClient:
         return FilesClient(
-            base_url=self.server.base_url, api_key=self.server.api_key, retries=0, transport=transport
+            base_url=self.server.base_url,
+            api_key=self.server.api_key,
+            retries=0,
+            transport=self.kind if transport is None else transport,
         )
 
     async def _pass(self, manifest: Manifest, client: FilesClient, *, confirm: bool = False) -> RootTable:
@@ -219,11 +224,11 @@ class HarnessFactory(Protocol):
 
 
 @pytest.fixture
-def harness() -> Iterator[HarnessFactory]:
+def harness(transport_kind: TransportKind) -> Iterator[HarnessFactory]:
     made: list[Harness] = []
 
     def make(tmp_path: Path, srv: RunningServer, clock: FakeClock, **kw: Any) -> Harness:
-        made.append(Harness(tmp_path / "h", srv, clock, **kw))
+        made.append(Harness(tmp_path / "h", srv, clock, kind=transport_kind, **kw))
         return made[-1]
 
     yield make
@@ -523,7 +528,7 @@ def test_failed_listing_plans_nothing_and_a_rerun_finishes(
     def fail_listing(request: httpx.Request) -> str | None:
         return "before" if request.method == "GET" and request.url.path.endswith("/files") else None
 
-    report = h.run(transport=FaultyTransport(fail_listing))
+    report = h.run(transport=FaultyTransport(h.kind, fail_listing))
     assert report.exit_code == 1
     assert report.plan is None
     assert "listing" in h.notes()[NOTE_ERROR]
@@ -554,7 +559,7 @@ def test_failure_in_the_middle_of_deleting_leaves_the_manifest_consistent(
         deletes += 1
         return "after" if deletes == 2 else None
 
-    report = h.run(transport=FaultyTransport(lose_second_delete))
+    report = h.run(transport=FaultyTransport(h.kind, lose_second_delete))
     assert report.exit_code == 1
     assert report.error is not None
     assert srv.stats.deletes == 2  # the second one landed, its answer was lost

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -10,14 +11,19 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from conftest import FakeClock, ServerFactory, free_port
+from conftest import FakeClock, ServerFactory, free_port, wait_for
+from fastapi import FastAPI
 from hypothesis import given
 from hypothesis import strategies as st
+from inprocess import built_app, fastapi_of
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from syncd.server import RunningServer
+from syncd.server import RunningServer, ServerSettings
+from syncd.server.store import INLINE, PIECE
 from syncd.server.wire import safe_filename
 
 BOUNDARY = "syncd-test-boundary"
@@ -235,6 +241,60 @@ def test_rejected_types_are_415(server_factory: ServerFactory) -> None:
     assert len(client.get("/files").json()) == 1
 
 
+# --- bodies bigger than a piece: hashed and written in a worker thread, piece by piece
+
+
+def _presigned_url(client: httpx.Client, filename: str) -> str:
+    url: str = client.post("/files/presigned-url", json={"filename": filename}).json()["url"]
+    return url
+
+
+@pytest.mark.parametrize("size", [2 * PIECE + 1, 3 * PIECE + INLINE + 5], ids=["small-tail", "big-tail"])
+def test_bodies_of_several_pieces_are_stored_exactly(server: RunningServer, size: int) -> None:
+    client = _client(server, timeout=60)
+    data = os.urandom(size)
+    direct = _upload(client, "direct.bin", data)
+    put = httpx.put(_presigned_url(client, "put.bin"), content=data, timeout=60)
+    assert put.status_code == 200
+    for item in (direct, put.json()):
+        assert item["bytes"] == size
+        assert item["md5"] == hashlib.md5(data).hexdigest()
+        assert client.get(f"/files/{item['id']}/content").content == data
+    assert list((server.data_dir / "tmp").iterdir()) == []
+
+
+def test_too_large_after_pieces_were_stored_leaves_nothing(server_factory: ServerFactory) -> None:
+    server = server_factory(max_bytes=2 * PIECE + 10)
+    client = _client(server, timeout=60)
+    data = os.urandom(3 * PIECE)
+    assert _post_raw(client, _multipart(b"big.bin", data)).status_code == 413
+    assert httpx.put(_presigned_url(client, "big.bin"), content=data, timeout=60).status_code == 413
+    assert client.get("/files").json() == []
+    assert list((server.data_dir / "tmp").iterdir()) == []
+
+
+def test_a_put_cut_off_after_some_pieces_leaves_nothing_and_can_be_sent_again(server: RunningServer) -> None:
+    client = _client(server, timeout=60)
+    url = _presigned_url(client, "scan.pdf")
+    data = os.urandom(3 * PIECE)
+
+    def gives_up() -> Iterator[bytes]:
+        yield data[: 2 * PIECE + 1]
+        raise ConnectionAbortedError("the client went away")
+
+    with pytest.raises(ConnectionAbortedError):
+        httpx.put(url, content=gives_up(), headers={"Content-Length": str(len(data))}, timeout=60)
+
+    def sent_again() -> httpx.Response | None:
+        response = httpx.put(url, content=data, timeout=60)
+        return None if response.status_code == 409 else response  # 409 until the server saw the cut
+
+    again = wait_for(sent_again, what="the URL to take a new PUT")
+    assert again.status_code == 200
+    assert again.json()["md5"] == hashlib.md5(data).hexdigest()
+    assert list((server.data_dir / "tmp").iterdir()) == []  # the partial blob went before the URL was free
+
+
 # --- shapes
 
 
@@ -336,6 +396,64 @@ def test_expired_presigned_url_is_rejected(server_factory: ServerFactory) -> Non
     assert "expired" in _detail(put)
     assert _detail(client.get(f"/files/verify-upload/{presigned['id']}")) == "file not found"
     assert client.get("/files").json() == []
+
+
+# --- the upload routes, ahead of FastAPI
+
+
+async def _both_uploads(app: ASGIApp) -> list[dict[str, Any]]:
+    """A direct upload and a presigned one (presign, PUT without a key, content) through ``app`` in-process;
+    the two FileResponses, with the per-file fields (id, times, URLs) left out."""
+    auth = {"Authorization": "Bearer k"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver/v1", headers=auth) as http:
+        grant = await http.post("/files/presigned-url", json={"filename": "put.bin"})
+        assert grant.status_code == 200, grant.text
+        direct = await http.post("/files", files={"file": ("direct.txt", b"direct bytes")})
+        assert direct.status_code == 201, direct.text
+        refused = await http.post("/files", content=b"not multipart")
+        assert refused.status_code == 400, refused.text
+        put = await http.put(grant.json()["url"], content=b"put bytes", headers={"Authorization": ""})
+        assert put.status_code == 200, put.text
+        items = [direct.json(), put.json()]
+        contents = [(await http.get(f"/files/{item['id']}/content")).content for item in items]
+    assert contents == [b"direct bytes", b"put bytes"]
+    return [{k: v for k, v in item.items() if k not in ("id", "created_at", "public_url")} for item in items]
+
+
+def test_upload_routes_are_answered_ahead_of_fastapi(tmp_path: Path) -> None:
+    """``POST /v1/files`` and ``PUT /v1/uploads/{id}`` never reach FastAPI, whose routing and dependency
+    solving cost more CPU per small upload than the upload itself; the other routes all do."""
+    with built_app(ServerSettings(data_dir=tmp_path, api_key="k")) as app:
+        front = next(layer for layer in _layers(app) if getattr(layer, "routes", None))
+        api = front.app
+        reached: list[tuple[str, str]] = []
+
+        async def watched(scope: Scope, receive: Receive, send: Send) -> None:
+            reached.append((scope["method"], scope["path"]))
+            await api(scope, receive, send)
+
+        front.app = watched
+        asyncio.run(_both_uploads(app))
+    assert [method for method, _ in reached] == ["POST", "GET", "GET"], reached
+    assert reached[0] == ("POST", "/v1/files/presigned-url")
+
+
+def test_fastapi_documentation_routes_serve_as_the_front_does(tmp_path: Path) -> None:
+    """FastAPI's routes for the two upload paths exist for the schema and a 405's ``Allow``; a request that
+    reaches one anyway is served by the same handler as through the front."""
+    with built_app(ServerSettings(data_dir=tmp_path / "front", api_key="k")) as app:
+        through_front = asyncio.run(_both_uploads(app))
+    with built_app(ServerSettings(data_dir=tmp_path / "api", api_key="k")) as app:
+        through_fastapi = asyncio.run(_both_uploads(fastapi_of(app)))
+    assert through_fastapi == through_front
+
+
+def _layers(app: Any) -> Iterator[Any]:
+    """``create_app``'s ASGI layers above the FastAPI app, outermost first."""
+    while not isinstance(app, FastAPI):
+        yield app
+        app = app.app
 
 
 # --- faults and latency

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +27,11 @@ from syncd.plan import Candidate, UploadJob, is_due, statkey
 from syncd.roots import RootTable, build_roots
 from syncd.scan import FileStat, stat_path
 from syncd.server import RunningServer
-from syncd.state import StateLock
+from syncd.supervise import Gate
 
 pytestmark = pytest.mark.anyio
 
 NOW = 1_800_000_000.0
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def manifest(tmp_path: Path) -> Iterator[Manifest]:
-    with StateLock(tmp_path / "state") as lock:
-        m = Manifest.open(lock)
-        yield m
-        m.close()
 
 
 def config_for(tmp_path: Path, server: RunningServer, **reconcile_keys: Any) -> Config:
@@ -119,6 +105,8 @@ class UploadStage:
                 counters=self.counters,
                 concurrency=lambda: 4,
                 observe=lambda now, latency, outcome: None,
+                gate=None,
+                synced=lambda done: None,
             )
         )
 
@@ -208,30 +196,8 @@ async def test_the_hash_stage_resettles_a_file_that_changed_since_it_was_seen(
     assert root_id is not None
     with path.open("ab") as f:  # the scanner writes the next page after the stat, before the hash
         f.write(b" page 2")
-    hash_q: asyncio.Queue[Candidate | None] = asyncio.Queue()
-    submitted: list[UploadJob] = []
-    resettled: list[Candidate] = []
-
-    async def submit(job: UploadJob) -> None:
-        submitted.append(job)
-
-    stage = asyncio.create_task(
-        hashing.run(
-            hash_q,
-            hasher=(hasher := hashing.Hasher(workers=1)),
-            manifest=manifest,
-            commit=CommitPolicy(manifest),
-            submit=submit,
-            resettle=resettled.append,
-            unreadable=UnreadableLog(),
-            counters=Counters(),
-        )
-    )
     cand = Candidate(root, root_id, "growing.tif", seen)
-    await hash_q.put(cand)
-    await hash_q.put(None)
-    await stage
-    hasher.close()
+    submitted, resettled = await hash_through_stage(manifest, cand)
     assert resettled == [cand]
     assert submitted == []
     assert manifest.get(cand.key) is None  # never queued with the digest of a half-written file
@@ -239,29 +205,40 @@ async def test_the_hash_stage_resettles_a_file_that_changed_since_it_was_seen(
     # Settled again with its final stat, it is hashed and handed on with the final content's md5.
     final = stat_path(str(path))
     assert isinstance(final, FileStat)
-    hash_q2: asyncio.Queue[Candidate | None] = asyncio.Queue()
-    stage = asyncio.create_task(
-        hashing.run(
-            hash_q2,
-            hasher=(hasher := hashing.Hasher(workers=1)),
-            manifest=manifest,
-            commit=CommitPolicy(manifest),
-            submit=submit,
-            resettle=resettled.append,
-            unreadable=UnreadableLog(),
-            counters=Counters(),
-        )
-    )
-    await hash_q2.put(Candidate(root, root_id, "growing.tif", final))
-    await hash_q2.put(None)
-    await stage
-    hasher.close()
+    submitted, resettled = await hash_through_stage(manifest, Candidate(root, root_id, "growing.tif", final))
+    assert resettled == []
     [job] = submitted
     assert job.stat == statkey(final)
     entry = manifest.get(cand.key)
     assert entry is not None
     assert entry.state is State.QUEUED
     assert entry.md5 == job.md5
+
+
+async def hash_through_stage(manifest: Manifest, cand: Candidate) -> tuple[list[UploadJob], list[Candidate]]:
+    """Run the hash stage on one candidate until it drains: what it submitted and what it resettled."""
+    hash_q: asyncio.Queue[Candidate | None] = asyncio.Queue()
+    submitted: list[UploadJob] = []
+    resettled: list[Candidate] = []
+
+    async def submit(job: UploadJob) -> None:
+        submitted.append(job)
+
+    with hashing.Hasher(workers=1) as hasher:
+        await hash_q.put(cand)
+        await hash_q.put(None)
+        await hashing.run(
+            hash_q,
+            hasher=hasher,
+            manifest=manifest,
+            commit=CommitPolicy(manifest),
+            submit=submit,
+            resettle=resettled.append,
+            unreadable=UnreadableLog(),
+            counters=Counters(),
+            gate=None,
+        )
+    return submitted, resettled
 
 
 async def test_the_reconcile_stage_holds_a_missing_root(
@@ -298,6 +275,7 @@ async def test_the_reconcile_stage_holds_a_missing_root(
                 forget=lambda: None,
                 clock=lambda: NOW,
                 counters=counters,
+                gate=Gate(),
             ),
             timeout=30,
         )

@@ -7,20 +7,19 @@ what the server holds (its request counters and listing) and what the manifest s
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from syncd.api import FilesClient
+from syncd.api import FilesClient, TransportKind, make_transport
 from syncd.hashing import Digest, hash_file
 from syncd.manifest import FileKey, Manifest, State
 from syncd.plan import RETRY_BASE_SECONDS, UploadJob, statkey
 from syncd.scan import FileStat
 from syncd.server import RunningServer
-from syncd.state import StateLock
 from syncd.upload import Outcome, sync_job
 
 pytestmark = pytest.mark.anyio
@@ -29,19 +28,6 @@ ServerFactory = Callable[..., RunningServer]
 NOW = 1_800_000_000.0
 """The job's wall clock (retry times are asserted against it). The manifest keeps the real clock: its
 ``updated_at`` of an ``uploading`` row is the intent time, compared with the server's ``created_at``."""
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def manifest(tmp_path: Path) -> Iterator[Manifest]:
-    with StateLock(tmp_path / "state") as lock:
-        m = Manifest.open(lock)
-        yield m
-        m.close()
 
 
 @pytest.fixture
@@ -55,7 +41,9 @@ async def no_sleep(seconds: float) -> None:
     """The client's backoff waits, spent instantly: retry tests must not cost wall time."""
 
 
-def client_for(server: RunningServer, *, retries: int = 2, transport: Any = None) -> FilesClient:
+def client_for(
+    server: RunningServer, transport: TransportKind | httpx.AsyncBaseTransport, *, retries: int = 2
+) -> FilesClient:
     return FilesClient(
         base_url=server.base_url, api_key=server.api_key, retries=retries, sleep=no_sleep, transport=transport
     )
@@ -122,11 +110,11 @@ def row(manifest: Manifest, job: UploadJob) -> Any:
 
 
 async def test_a_cache_miss_is_uploaded_and_owned(
-    server: RunningServer, manifest: Manifest, root: Path
+    server: RunningServer, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:
     data = b"%PDF-1.7 first scan"
     job = queue_file(manifest, root, "scans/a.pdf", data)
-    async with client_for(server) as client:
+    async with client_for(server, transport_kind) as client:
         assert await run(job, manifest, client) is Outcome.UPLOADED
     entry = row(manifest, job)
     assert entry.state is State.SYNCED
@@ -145,11 +133,11 @@ async def test_a_cache_miss_is_uploaded_and_owned(
 
 
 async def test_a_copy_reuses_the_manifests_remote_file_without_any_request(
-    server: RunningServer, manifest: Manifest, root: Path
+    server: RunningServer, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:
     data = b"the same bytes at two paths"
     first = queue_file(manifest, root, "a.pdf", data)
-    async with client_for(server) as client:
+    async with client_for(server, transport_kind) as client:
         assert await run(first, manifest, client) is Outcome.UPLOADED
         before = server.stats.snapshot()
         copy = queue_file(manifest, root, "copy of a.pdf", data)
@@ -164,12 +152,12 @@ async def test_a_copy_reuses_the_manifests_remote_file_without_any_request(
 
 
 async def test_another_clients_identical_file_is_adopted_not_owned(
-    server: RunningServer, manifest: Manifest, root: Path
+    server: RunningServer, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:
     data = b"a report someone else uploaded first"
     theirs = other_client_uploads(server, "report.pdf", data, "assistants")
     job = queue_file(manifest, root, "report.pdf", data)
-    async with client_for(server) as client:
+    async with client_for(server, transport_kind) as client:
         assert await run(job, manifest, client) is Outcome.REUSED
     entry = row(manifest, job)
     assert entry.state is State.SYNCED
@@ -182,14 +170,18 @@ async def test_another_clients_identical_file_is_adopted_not_owned(
 
 @pytest.mark.parametrize("public_only", [False, True], ids=["purpose-filtered lookup", "public API shape"])
 async def test_a_remote_hit_with_another_purpose_is_not_reused(
-    server_factory: ServerFactory, manifest: Manifest, root: Path, public_only: bool
+    server_factory: ServerFactory,
+    manifest: Manifest,
+    root: Path,
+    public_only: bool,
+    transport_kind: TransportKind,
 ) -> None:
     """The public lookup ignores purpose (and reports no md5): syncd checks the hit's purpose itself."""
     server = server_factory(public_only=public_only)
     data = b"same bytes, other purpose"
     theirs = other_client_uploads(server, "img.png", data, "vision")
     job = queue_file(manifest, root, "img.png", data, purpose="assistants")
-    async with client_for(server) as client:
+    async with client_for(server, transport_kind) as client:
         assert await run(job, manifest, client) is Outcome.UPLOADED
     entry = row(manifest, job)
     assert entry.state is State.SYNCED
@@ -204,11 +196,11 @@ async def test_a_remote_hit_with_another_purpose_is_not_reused(
 
 
 async def test_a_file_too_large_for_the_server_fails_with_the_reason_and_is_not_retried(
-    server_factory: ServerFactory, manifest: Manifest, root: Path
+    server_factory: ServerFactory, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:
     server = server_factory(max_bytes=64)
     job = queue_file(manifest, root, "big.pdf", b"x" * 1000)
-    async with client_for(server, retries=3) as client:
+    async with client_for(server, transport_kind, retries=3) as client:
         assert await run(job, manifest, client) is Outcome.FAILED
     entry = row(manifest, job)
     assert entry.state is State.FAILED
@@ -221,11 +213,11 @@ async def test_a_file_too_large_for_the_server_fails_with_the_reason_and_is_not_
 
 
 async def test_a_5xx_storm_queues_the_row_for_a_later_attempt(
-    server_factory: ServerFactory, manifest: Manifest, root: Path
+    server_factory: ServerFactory, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:
     server = server_factory(fault_rate=1.0, fault_kinds=("500",))
     job = queue_file(manifest, root, "a.pdf", b"never gets through")
-    async with client_for(server, retries=2) as client:
+    async with client_for(server, transport_kind, retries=2) as client:
         assert await run(job, manifest, client) is Outcome.RETRY
     entry = row(manifest, job)
     assert entry.state is State.QUEUED
@@ -246,12 +238,12 @@ async def test_a_5xx_storm_queues_the_row_for_a_later_attempt(
     ids=["same size", "grown", "shrunk"],
 )
 async def test_a_file_changed_after_hashing_leaves_nothing_on_the_server(
-    server: RunningServer, manifest: Manifest, root: Path, change: bytes
+    server: RunningServer, manifest: Manifest, root: Path, change: bytes, transport_kind: TransportKind
 ) -> None:
     hashed = b"same length, the bytes!!!"
     job = queue_file(manifest, root, "draft.pdf", hashed)
     job.path.write_bytes(change)
-    async with client_for(server) as client:
+    async with client_for(server, transport_kind) as client:
         assert await run(job, manifest, client) is Outcome.CHANGED
     entry = row(manifest, job)
     assert entry.state is State.QUEUED
@@ -264,18 +256,18 @@ async def test_a_file_changed_after_hashing_leaves_nothing_on_the_server(
 
 
 async def test_a_row_left_uploading_whose_upload_landed_is_resolved_without_a_second_upload(
-    server: RunningServer, manifest: Manifest, root: Path
+    server: RunningServer, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:
     data = b"uploaded just before the crash"
     job = queue_file(manifest, root, "a.pdf", data)
     assert manifest.mark_uploading(job.key, md5=job.md5)  # the intent, committed before sending
-    async with client_for(server) as landed:  # the request that went out before the crash
+    async with client_for(server, transport_kind) as landed:  # the request that went out before the crash
         ours = await landed.upload(job.path, purpose=job.purpose)
     left = row(manifest, job)
     assert left.state is State.UPLOADING
 
     recovery = UploadJob(job.key, job.path, job.md5, job.purpose, job.stat, intent_at=left.updated_at)
-    async with client_for(server) as client:
+    async with client_for(server, transport_kind) as client:
         assert await run(recovery, manifest, client) is Outcome.REUSED
     entry = row(manifest, job)
     assert entry.state is State.SYNCED
@@ -286,21 +278,21 @@ async def test_a_row_left_uploading_whose_upload_landed_is_resolved_without_a_se
 
 
 async def test_a_row_left_uploading_whose_request_never_went_out_is_uploaded(
-    server: RunningServer, manifest: Manifest, root: Path
+    server: RunningServer, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:
     job = queue_file(manifest, root, "a.pdf", b"crashed before sending")
     assert manifest.mark_uploading(job.key, md5=job.md5)
     recovery = UploadJob(
         job.key, job.path, job.md5, job.purpose, job.stat, intent_at=row(manifest, job).updated_at
     )
-    async with client_for(server) as client:
+    async with client_for(server, transport_kind) as client:
         assert await run(recovery, manifest, client) is Outcome.UPLOADED
     assert server.stats.uploads == 1
     assert row(manifest, job).owned
 
 
 async def test_another_clients_upload_after_a_crash_before_sending_is_not_claimed(
-    server: RunningServer, manifest: Manifest, root: Path
+    server: RunningServer, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:
     data = b"crashed before sending; a colleague uploads the same bytes later"
     job = queue_file(manifest, root, "mine.pdf", data)
@@ -309,7 +301,7 @@ async def test_another_clients_upload_after_a_crash_before_sending_is_not_claime
     recovery = UploadJob(
         job.key, job.path, job.md5, job.purpose, job.stat, intent_at=row(manifest, job).updated_at
     )
-    async with client_for(server) as client:
+    async with client_for(server, transport_kind) as client:
         await run(recovery, manifest, client)
     assert not manifest.is_owned(theirs)
 
@@ -320,8 +312,8 @@ async def test_another_clients_upload_after_a_crash_before_sending_is_not_claime
 class RemovingTransport(httpx.AsyncBaseTransport):
     """The real transport; as the hash lookup leaves, the event loop changes the row (a race, made exact)."""
 
-    def __init__(self, on_lookup: Callable[[], None]) -> None:
-        self._inner = httpx.AsyncHTTPTransport()
+    def __init__(self, kind: TransportKind, on_lookup: Callable[[], None]) -> None:
+        self._inner = make_transport(kind, concurrency=8)
         self._on_lookup = on_lookup
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -335,7 +327,7 @@ class RemovingTransport(httpx.AsyncBaseTransport):
 
 @pytest.mark.parametrize("gone", ["removed", "deleted"])
 async def test_a_path_gone_while_its_lookup_is_in_flight_makes_the_job_stale_not_an_exception(
-    server: RunningServer, manifest: Manifest, root: Path, gone: str
+    server: RunningServer, manifest: Manifest, root: Path, gone: str, transport_kind: TransportKind
 ) -> None:
     """A worker that raised here would die and stall the pipeline; the job is simply dropped."""
     job = queue_file(manifest, root, "short-lived.pdf", b"deleted right after it settled")
@@ -346,7 +338,7 @@ async def test_a_path_gone_while_its_lookup_is_in_flight_makes_the_job_stale_not
         else:
             manifest.mark_deleted(job.key)
 
-    async with client_for(server, transport=RemovingTransport(path_goes_away)) as client:
+    async with client_for(server, RemovingTransport(transport_kind, path_goes_away)) as client:
         assert await run(job, manifest, client) is Outcome.STALE
     entry = manifest.get(job.key)
     assert entry is None if gone == "removed" else entry is not None and entry.state is State.DELETED
@@ -354,12 +346,12 @@ async def test_a_path_gone_while_its_lookup_is_in_flight_makes_the_job_stale_not
 
 
 async def test_a_same_size_edit_after_hashing_is_caught_against_the_public_api_shape(
-    server_factory: ServerFactory, manifest: Manifest, root: Path
+    server_factory: ServerFactory, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:
     server = server_factory(public_only=True)
     job = queue_file(manifest, root, "draft.pdf", b"same length, the bytes!!!")
     job.path.write_bytes(b"same length, other bytes!")
-    async with client_for(server) as client:
+    async with client_for(server, transport_kind) as client:
         assert await run(job, manifest, client) is Outcome.CHANGED
     assert remote_files(server) == []
 
@@ -368,8 +360,8 @@ class LostResponseTransport(httpx.AsyncBaseTransport):
     """The real transport, except that the answer to an upload is lost after the server stored it (and,
     with ``lookups_fail``, every hash lookup after that fails)."""
 
-    def __init__(self, *, lookups_fail: bool = False) -> None:
-        self._inner = httpx.AsyncHTTPTransport()
+    def __init__(self, kind: TransportKind, *, lookups_fail: bool = False) -> None:
+        self._inner = make_transport(kind, concurrency=8)
         self._lookups_fail = lookups_fail
         self._lost = False
 
@@ -388,10 +380,10 @@ class LostResponseTransport(httpx.AsyncBaseTransport):
 
 
 async def test_an_upload_whose_answer_was_lost_is_resolved_by_md5_not_sent_again(
-    server: RunningServer, manifest: Manifest, root: Path
+    server: RunningServer, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:
     job = queue_file(manifest, root, "scan.pdf", b"landed, but the response was lost")
-    async with client_for(server, retries=3, transport=LostResponseTransport()) as client:
+    async with client_for(server, LostResponseTransport(transport_kind), retries=3) as client:
         assert await run(job, manifest, client, intent_window=600.0) is Outcome.REUSED
     assert server.stats.uploads == 1  # resolved by the md5 lookup, not a second upload
     [remote] = remote_files(server)
@@ -401,28 +393,30 @@ async def test_an_upload_whose_answer_was_lost_is_resolved_by_md5_not_sent_again
 
 @pytest.mark.parametrize("name", ['quote"d.pdf', "caf\udce9.pdf", "tab\there.pdf"])
 async def test_a_lost_upload_under_an_odd_name_is_recognised_as_ours(
-    server: RunningServer, manifest: Manifest, root: Path, name: str
+    server: RunningServer, manifest: Manifest, root: Path, name: str, transport_kind: TransportKind
 ) -> None:
     """The name the server keeps (a quote as %22, a Latin-1 byte as U+FFFD, a tab as U+FFFD) is the one
     the lookup after a lost answer compares: our upload is owned, not adopted and never pruned."""
     job = queue_file(manifest, root, name, b"landed under an odd name")
-    async with client_for(server, retries=3, transport=LostResponseTransport()) as client:
+    async with client_for(server, LostResponseTransport(transport_kind), retries=3) as client:
         assert await run(job, manifest, client, intent_window=600.0) is Outcome.REUSED
     assert server.stats.uploads == 1
     assert row(manifest, job).owned
 
 
 async def test_an_upload_whose_answer_was_lost_keeps_its_intent_and_is_owned_on_retry(
-    server: RunningServer, manifest: Manifest, root: Path
+    server: RunningServer, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:
     job = queue_file(manifest, root, "scan.pdf", b"landed, but the response was lost")
-    async with client_for(server, retries=0, transport=LostResponseTransport(lookups_fail=True)) as client:
+    async with client_for(
+        server, LostResponseTransport(transport_kind, lookups_fail=True), retries=0
+    ) as client:
         assert await run(job, manifest, client) is Outcome.RETRY
     entry = row(manifest, job)
     assert entry.state is State.UPLOADING  # the intent survives: the bytes may be on the server
     assert server.stats.uploads == 1
     retry = UploadJob(job.key, job.path, job.md5, job.purpose, job.stat, intent_at=entry.updated_at)
-    async with client_for(server) as client:
+    async with client_for(server, transport_kind) as client:
         assert await run(retry, manifest, client, intent_window=600.0) is Outcome.REUSED
     assert server.stats.uploads == 1  # resolved by the md5 lookup, not a second upload
     assert row(manifest, job).state is State.SYNCED

@@ -4,6 +4,7 @@ from syncd.api.client import FilesClient
 from syncd.api.errors import (
     ApiError,
     AuthError,
+    InvalidResponseError,
     NetworkError,
     NotFoundError,
     OutcomeUnknownError,
@@ -23,14 +24,17 @@ from syncd.api.models import (
     Purpose,
 )
 from syncd.api.retry import RetryPolicy
+from syncd.api.transport import TRANSPORTS, TransportKind, make_transport
 
 __all__ = [
     "PURPOSES",
+    "TRANSPORTS",
     "ApiError",
     "AuthError",
     "ErrorDetail",
     "FileResponse",
     "FilesClient",
+    "InvalidResponseError",
     "NetworkError",
     "NotFoundError",
     "OutcomeUnknownError",
@@ -42,6 +46,8 @@ __all__ = [
     "ServerError",
     "SourceChangedError",
     "TooLargeError",
+    "TransportKind",
     "UnsupportedTypeError",
     "ValidationError",
+    "make_transport",
 ]

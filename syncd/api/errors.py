@@ -72,6 +72,14 @@ class NetworkError(ApiError):
     retryable = True
 
 
+class InvalidResponseError(ApiError):
+    """The server answered, but not as the API documents: not JSON, wrong types, or too large to read.
+
+    Neither retryable nor permanent: a server (or a proxy before it) that answers garbage is misconfigured,
+    and the same request need not be wrong elsewhere.
+    """
+
+
 class OutcomeUnknownError(ApiError):
     """A request that stores a new file got no answer saying whether it did (a timeout, a reset, a 500):
     the file may be stored. Never retried by the client, since sending it again could store a second

@@ -7,8 +7,9 @@ optional ones (``md5``) are how syncd notices an extension before it relies on i
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from syncd.config import PURPOSES as PURPOSES
 from syncd.config import Purpose as Purpose
@@ -31,14 +32,23 @@ class FileResponse(_Wire):
 
 class PresignedUrlRequest(_Wire):
     filename: str = Field(min_length=1, max_length=1024)
-    purpose: Purpose = "assistants"
-    expiration: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    purpose: Annotated[
+        Purpose,
+        WithJsonSchema({"anyOf": [{"type": "string", "enum": list(PURPOSES)}, {"type": "null"}]}),
+    ] = "assistants"
+    expiration: int | None = Field(default=None, ge=1, le=7 * 24 * 3600, strict=True)
 
     @field_validator("purpose", mode="before")
     @classmethod
     def _null_purpose(cls, value: object) -> object:
         """The SDK's ``generate_presigned_url`` sends ``"purpose": null``; read it as the default."""
         return "assistants" if value is None else value
+
+    @field_validator("expiration", mode="before")
+    @classmethod
+    def _integral(cls, value: object) -> object:
+        """JSON Schema counts ``60.0`` as an integer; strict mode still refuses ``true`` and ``"60"``."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 class PresignedUrlResponse(_Wire):

@@ -6,11 +6,13 @@ A blob reaches ``blobs/`` by ``os.replace`` *before* its row is committed, so a 
 orphan blob but never a listed file without its bytes. Blobs are not fsynced: a power cut may lose
 recent bytes; the reference server favours throughput (10k small uploads) over that guarantee.
 
-Not thread-safe by design: the server calls it only from its event loop thread.
+Not thread-safe by design: the server calls it only from its event loop thread (a :class:`BlobWriter`
+hands its big pieces to one worker thread at a time, and never touches the file meanwhile).
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import os
@@ -90,8 +92,34 @@ def _record(row: tuple[Any, ...]) -> FileRecord:
     )
 
 
+PIECE = 4 << 20
+"""Bytes gathered before they are hashed and written as one piece in a worker thread (md5 and ``write``
+release the GIL on big buffers), while the event loop receives the next: hashing runs beside the network
+instead of between reads. Measured on a 1 GiB PUT: 4 MiB pieces cost ~15% less server CPU than 1 MiB ones
+(fewer hand-offs between the loop and the thread); two pieces per upload are held at most."""
+
+INLINE = 64 << 10
+"""A last piece smaller than this is hashed and written on the event loop: cheaper than a thread hop."""
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A completely received blob, still under its temporary name."""
+
+    path: Path
+    size: int
+    md5: str
+
+
 class BlobWriter:
-    """Receives one blob into ``tmp/``, hashing md5 as it streams; never holds the whole file."""
+    """Receives one blob into ``tmp/``, hashing md5 as it goes; never holds more than two pieces.
+
+    :meth:`write` only takes the bytes; they reach the file in :meth:`flush` (a full piece, in a thread) and
+    :meth:`finish`. The file is created with the first piece, so a small upload costs one ``open``, one
+    ``write`` and one ``close``, and one refused before its first byte creates nothing.
+    """
 
     def __init__(self, path: Path, limit: int | None) -> None:
         self.path = path
@@ -99,28 +127,78 @@ class BlobWriter:
         self.size = 0
         self.too_large = False
         self._md5 = hashlib.md5(usedforsecurity=False)
-        self._fh = open(path, "wb")  # noqa: SIM115 - closed in finish()/discard()
+        self._fd: int | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._piece: asyncio.Future[None] | None = None
 
     def write(self, data: bytes) -> None:
-        """Append ``data``; once past ``limit`` the blob is dropped and further data only counted."""
+        """Take ``data``; once past ``limit`` the blob is dropped and further data only counted."""
         self.size += len(data)
         if self.too_large:
             return
         if self.limit is not None and self.size > self.limit:
             self.too_large = True
-            self.discard()
+            self._pending, self._pending_size = [], 0
             return
-        self._md5.update(data)
-        self._fh.write(data)
+        if data:
+            self._pending.append(data)
+            self._pending_size += len(data)
 
-    def finish(self) -> str:
-        """Close the temp file and return the md5 hex digest."""
-        self._fh.close()
-        return self._md5.hexdigest()
+    @property
+    def full(self) -> bool:
+        """A piece is pending: ``await flush()`` before taking much more."""
+        return self._pending_size >= PIECE
 
-    def discard(self) -> None:
-        self._fh.close()
+    async def flush(self) -> None:
+        """Hand the pending bytes to a worker thread as one piece, once the previous piece is stored."""
+        await self._settle()
+        if self._pending_size:
+            self._piece = asyncio.ensure_future(asyncio.to_thread(self._store, self._take()))
+
+    async def finish(self) -> Blob:
+        """Store what is left, close the file and return it with its size and md5."""
+        await self._settle()
+        if self._pending_size >= INLINE:
+            await asyncio.to_thread(self._store, self._take())
+        elif self._pending_size or self._fd is None:
+            self._store(self._take())
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = None
+        return Blob(self.path, self.size, self._md5.hexdigest())
+
+    async def discard(self) -> None:
+        """Throw the blob away (a piece still being stored is waited for, and its outcome dropped)."""
+        piece, self._piece = self._piece, None
+        if piece is not None:
+            await asyncio.wait([piece])
+            if not piece.cancelled():
+                piece.exception()  # retrieved on purpose: the blob is being thrown away
+        self._pending, self._pending_size = [], 0
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self.path.unlink(missing_ok=True)
+
+    async def _settle(self) -> None:
+        piece, self._piece = self._piece, None
+        if piece is not None:
+            await piece
+
+    def _take(self) -> bytes:
+        data = b"".join(self._pending)
+        self._pending, self._pending_size = [], 0
+        return data
+
+    def _store(self, data: bytes) -> None:
+        """Hash and append ``data`` (on the loop or in a worker thread, never both at once)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, _CREATE, 0o666)
+        self._md5.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
 
 
 class Store:
@@ -170,23 +248,22 @@ class Store:
     def add_file(
         self,
         file_id: str,
-        writer: BlobWriter,
+        blob: Blob,
         *,
         filename: str,
         purpose: str,
         public: bool,
         content_type: str,
     ) -> FileRecord:
-        """Publish a finished blob as a new readable file (the newest)."""
-        md5 = writer.finish()
-        os.replace(writer.path, self.blob_path(file_id))
+        """Publish a received blob as a new readable file (the newest)."""
+        os.replace(blob.path, self.blob_path(file_id))
         record = FileRecord(
             id=file_id,
             seq=self._take_seq(),
             filename=filename,
-            bytes=writer.size,
+            bytes=blob.size,
             purpose=purpose,
-            md5=md5,
+            md5=blob.md5,
             created_at=self.clock(),
             public=public,
             content_type=content_type,
@@ -243,22 +320,21 @@ class Store:
         )
         return record
 
-    def complete_pending(self, pending: FileRecord, writer: BlobWriter) -> FileRecord:
+    def complete_pending(self, pending: FileRecord, blob: Blob) -> FileRecord:
         """Publish a presigned upload; its ``created_at`` and place in the order are those of the PUT."""
-        md5 = writer.finish()
-        os.replace(writer.path, self.blob_path(pending.id))
+        os.replace(blob.path, self.blob_path(pending.id))
         seq, now = self._take_seq(), self.clock()
         self._db.execute(
             "UPDATE files SET seq = ?, bytes = ?, md5 = ?, created_at = ?, expires_at = NULL WHERE id = ?",
-            (seq, writer.size, md5, now.isoformat(), pending.id),
+            (seq, blob.size, blob.md5, now.isoformat(), pending.id),
         )
         return FileRecord(
             id=pending.id,
             seq=seq,
             filename=pending.filename,
-            bytes=writer.size,
+            bytes=blob.size,
             purpose=pending.purpose,
-            md5=md5,
+            md5=blob.md5,
             created_at=now,
             public=pending.public,
             content_type=pending.content_type,

@@ -31,17 +31,23 @@ async def drain(receive: Receive, limit: int) -> bool:
             return True
 
 
-async def send_json_error(
-    send: Send, status: int, detail: str, *, headers: dict[str, str] | None = None, close: bool = False
+async def send_json(
+    send: Send, status: int, body: bytes, *, headers: dict[str, str] | None = None, close: bool = False
 ) -> None:
-    """Answer ``{"detail": ...}`` straight on the ASGI channel (used outside FastAPI's routing)."""
-    body = json.dumps({"detail": detail}).encode()
+    """Answer a JSON ``body`` straight on the ASGI channel (used outside FastAPI's routing)."""
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     if close:
         raw.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_json_error(
+    send: Send, status: int, detail: str, *, headers: dict[str, str] | None = None, close: bool = False
+) -> None:
+    """Answer ``{"detail": ...}`` straight on the ASGI channel."""
+    await send_json(send, status, json.dumps({"detail": detail}).encode(), headers=headers, close=close)
 
 
 def safe_filename(raw: str | None) -> str:
