@@ -659,9 +659,11 @@ class ManifestReader:
         A sample, not all of them: a few owned ones first, then a few of any kind. Any one holds the
         content, and a DISTINCT over every row made 100,000 copies of one file quadratic (measured).
         """
+        # INDEXED BY: with no statistics the planner prefers (state, updated_at) and walks every synced row
+        # (measured: 10,000 new files went from 1.6 to 16 s of SQLite).
         sql = (
-            "SELECT remote_id, remote_created_at FROM files WHERE md5=? AND purpose=? AND state='synced'"
-            " AND remote_id IS NOT NULL {} LIMIT 4"
+            "SELECT remote_id, remote_created_at FROM files INDEXED BY files_synced_md5"
+            " WHERE md5=? AND purpose=? AND state='synced' AND remote_id IS NOT NULL {} LIMIT 4"
         )
         rows = self._conn.execute(sql.format("AND owned=1"), (md5, purpose)).fetchall()
         rows += self._conn.execute(sql.format(""), (md5, purpose)).fetchall()

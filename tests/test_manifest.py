@@ -126,6 +126,20 @@ def test_a_v1_manifest_is_migrated_to_the_state_time_index(tmp_path: Path) -> No
     assert "TEMP B-TREE" not in str(plan)  # no sort: the walk stops after LIMIT rows
 
 
+def test_local_copies_is_an_index_lookup_whatever_the_other_indexes(manifest: Manifest) -> None:
+    """Every new file asks for local copies of its md5: a scan of the synced rows there made an initial
+    sync of 10,000 files quadratic (16 s of SQLite) once (state, updated_at) existed."""
+    sent: list[str] = []
+    manifest._conn.set_trace_callback(sent.append)
+    manifest.local_copies(M1, "assistants")
+    manifest._conn.set_trace_callback(None)
+    queries = [q for q in sent if q.startswith("SELECT remote_id")]
+    assert queries
+    for query in queries:
+        plan = str(manifest._conn.execute("EXPLAIN QUERY PLAN " + query).fetchall())
+        assert "files_synced_md5" in plan, plan
+
+
 def test_open_requires_the_lock(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="lock"):
         Manifest.open(StateLock(tmp_path))
