@@ -51,9 +51,6 @@ log = structlog.get_logger("syncd.upload")
 # A remote file created up to this long before the recorded intent still counts as ours after a crash:
 # the server's clock and ours may disagree by a little (NTP-synced hosts: well under a second).
 INTENT_SKEW_SECONDS = 5.0
-# An upload whose answer was lost is resolved by md5 lookup (and sent again if it did not land) this many
-# times in a row before the row waits for its backoff: repeated lost answers mean the server is in trouble.
-UNKNOWN_ROUNDS = 3
 
 
 class Outcome(enum.Enum):
@@ -133,7 +130,8 @@ async def sync_job(
     ``intent_window`` is how long an upload may take at most (all attempts): it bounds which remote files
     created after a crash's recorded intent can be ours. ``synced`` hears of the row once it is synced. An
     upload whose answer was lost is resolved as a crash's is, by md5 lookup first, never by sending it again
-    blindly.
+    blindly; that happens as often, and with the same backoff, as the client retries a call, and then the
+    row waits for its own backoff with its intent kept.
     """
     counters = counters if counters is not None else Counters()
     rounds = 1
@@ -151,10 +149,11 @@ async def sync_job(
         ),
         _Unknown,
     ):
-        if rounds >= UNKNOWN_ROUNDS:
+        if rounds >= client.attempts:
             return _record_error(
                 job, outcome.error, manifest=manifest, clock=clock, counters=counters, sent=True
             )
+        await client.pause(rounds)
         rounds += 1
         job, remote_index = replace(job, intent_at=outcome.intent_at), None
     return outcome

@@ -404,6 +404,50 @@ async def test_a_lost_upload_under_an_odd_name_is_recognised_as_ours(
     assert row(manifest, job).owned
 
 
+class FailingUploadsTransport(httpx.AsyncBaseTransport):
+    """The real transport, except that the first ``failures`` uploads are answered 500 without reaching the
+    server: to the client, each may or may not have been stored."""
+
+    def __init__(self, kind: TransportKind, failures: int) -> None:
+        self._inner = make_transport(kind, concurrency=8)
+        self.failures = failures
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.failures and request.method == "POST" and request.url.path.endswith("/files"):
+            self.failures -= 1
+            await request.aread()
+            return httpx.Response(500, json={"detail": "the proxy lost the backend"}, request=request)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.mark.parametrize(("failures", "outcome"), [(3, Outcome.UPLOADED), (4, Outcome.RETRY)])
+async def test_an_upload_that_may_not_have_landed_is_looked_up_then_sent_as_often_as_a_call_is_retried(
+    server: RunningServer,
+    manifest: Manifest,
+    root: Path,
+    transport_kind: TransportKind,
+    failures: int,
+    outcome: Outcome,
+) -> None:
+    """With ``retries = 3`` a call is sent 4 times at most; so is an upload whose answers were lost, each
+    time after a lookup that found nothing. Beyond that the row keeps its intent for its own backoff."""
+    job = queue_file(manifest, root, "scan.pdf", b"sent again only once it is known not to be stored")
+    transport = FailingUploadsTransport(transport_kind, failures)
+    async with client_for(server, transport, retries=3) as client:
+        assert await run(job, manifest, client, intent_window=600.0) is outcome
+    assert transport.failures == max(0, failures - 4)
+    assert server.stats.hash_lookups == min(failures, 3) + 1  # before the first send, and after each loss
+    if outcome is Outcome.UPLOADED:
+        [remote] = remote_files(server)
+        assert (row(manifest, job).state, row(manifest, job).remote_id) == (State.SYNCED, remote["id"])
+    else:
+        assert remote_files(server) == []
+        assert row(manifest, job).state is State.UPLOADING
+
+
 async def test_an_upload_whose_answer_was_lost_keeps_its_intent_and_is_owned_on_retry(
     server: RunningServer, manifest: Manifest, root: Path, transport_kind: TransportKind
 ) -> None:

@@ -44,7 +44,13 @@ from syncd.api.errors import (
     error_for_status,
 )
 from syncd.api.models import FileResponse, PresignedUrlResponse
-from syncd.api.retry import MAX_RETRY_AFTER_SECONDS, RetryPolicy, call_with_retries, parse_retry_after
+from syncd.api.retry import (
+    MAX_RETRY_AFTER_SECONDS,
+    RetryPolicy,
+    backoff_delay,
+    call_with_retries,
+    parse_retry_after,
+)
 from syncd.api.transport import TransportKind, make_transport
 from syncd.config import CONCURRENCY, PRESIGNED_THRESHOLD, RETRIES, TIMEOUT_SECONDS
 
@@ -243,6 +249,20 @@ class FilesClient:
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
             transport=chosen,
             follow_redirects=False,
+        )
+
+    @property
+    def attempts(self) -> int:
+        """How often one call is sent at most: the first try and its retries."""
+        return self._policy.attempts
+
+    async def pause(self, retry: int) -> None:
+        """Wait as a call waits before its ``retry``-th retry (backoff, full jitter): for a caller that sends
+        a request again itself, such as an upload whose answer was lost once it knows the upload did not
+        land."""
+        policy = self._policy
+        await self._sleep(
+            backoff_delay(retry, base=policy.base, cap=policy.cap, retry_after=None, u=self._uniform())
         )
 
     def longest_upload(self, size: int) -> float:
