@@ -30,8 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from syncd.config import Config, ConfigError, is_loopback_host
 from syncd.counters import Counters
-from syncd.manifest import ManifestMissing, ManifestReader, SchemaMismatch
-from syncd.reconcile import NOTE_HELD, held_guards
+from syncd.manifest import NOTE_HELD, ManifestMissing, ManifestReader, SchemaMismatch, held_guards
 
 log = structlog.get_logger("syncd.http")
 T = TypeVar("T")

@@ -42,6 +42,7 @@ their last remote id as history (so the reconciler can say what it prunes and wh
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 import time
 from array import array
@@ -111,6 +112,18 @@ class SchemaMismatch(StateError):
 
 class RemoteMismatch(RuntimeError):
     """The manifest belongs to another remote (base URL or key) than the config names."""
+
+
+NOTE_HELD = "reconcile:held"
+"""The note naming the guards that held the last reconcile plan back, joined by "; " (one guard's text has
+"; " of its own); `status`, `/metrics` and the reconciler share this format."""
+NOTE_ERROR = "reconcile:error"
+_NEXT_GUARD = re.compile(r"; (?=(?:root-unavailable|max-delete|max-delete-fraction): )")
+
+
+def held_guards(note: str | None) -> list[str]:
+    """The guard lines of a NOTE_HELD note, for `status` and `/metrics` (syncd_held_prunes)."""
+    return _NEXT_GUARD.split(note) if note else []
 
 
 def key_fingerprint(api_key: str) -> str:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -53,7 +52,7 @@ import structlog
 from syncd.api import ApiError, FileResponse, FilesClient, NotFoundError
 from syncd.config import ReconcileConfig
 from syncd.counters import Counters
-from syncd.manifest import Entry, FileKey, Manifest, ManifestReader, OwnedRemote, State
+from syncd.manifest import NOTE_ERROR, NOTE_HELD, Entry, FileKey, Manifest, ManifestReader, OwnedRemote, State
 from syncd.plan import MarkDeleted, counts_as_missing, on_missing
 from syncd.roots import Root, RootRecord, RootTable, kept_by, observe_root, unavailable_reason
 from syncd.rules import CompiledRules
@@ -74,7 +73,6 @@ __all__ = [
     "RemoteFile",
     "Requeue",
     "Why",
-    "held_guards",
     "observe_local",
     "plan_reconcile",
     "reconcile",
@@ -85,15 +83,6 @@ FRACTION_MIN_DELETES = 10
 """Plans deleting at most this many files skip the fraction check (a guess at "a user tidying up")."""
 CLOCK_SKEW_SECONDS = 300.0
 """An owned file absent from the listing but created this recently may postdate the listing: not forgotten."""
-NOTE_HELD = "reconcile:held"
-"""The guards that held the last plan back, joined by "; " (one guard's text has "; " of its own)."""
-NOTE_ERROR = "reconcile:error"
-_NEXT_GUARD = re.compile(r"; (?=(?:root-unavailable|max-delete|max-delete-fraction): )")
-
-
-def held_guards(note: str | None) -> list[str]:
-    """The guard lines of a NOTE_HELD note, for `status` and `/metrics` (syncd_held_prunes)."""
-    return _NEXT_GUARD.split(note) if note else []
 
 
 log = structlog.get_logger("syncd.reconcile")

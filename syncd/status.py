@@ -10,8 +10,15 @@ import typer
 
 from syncd import hooks
 from syncd.config import Config
-from syncd.manifest import Entry, ManifestMissing, ManifestReader, SchemaMismatch, State
-from syncd.reconcile import NOTE_HELD, held_guards
+from syncd.manifest import (
+    NOTE_HELD,
+    Entry,
+    ManifestMissing,
+    ManifestReader,
+    SchemaMismatch,
+    State,
+    held_guards,
+)
 from syncd.state import daemon_running, read_live
 
 RECENT_SYNCED = 50

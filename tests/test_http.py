@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from syncd.config import ConfigError, load_config
 from syncd.http import host_allowed
-from syncd.reconcile import held_guards
+from syncd.manifest import held_guards
 
 # pytest-playwright 0.10's own `base_url` fixture trips a pytest 9 deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Session-scoped fixtures defined as instance methods")

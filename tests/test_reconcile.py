@@ -23,9 +23,9 @@ from syncd.api import FileResponse, FilesClient, TransportKind, make_transport
 from syncd.config import Config, parse_config
 from syncd.counters import Counters
 from syncd.daemon import Run
-from syncd.manifest import Entry, Manifest, ManifestReader, State
+from syncd.manifest import NOTE_ERROR, NOTE_HELD, Entry, Manifest, ManifestReader, State
 from syncd.once import sync_pass
-from syncd.reconcile import NOTE_ERROR, NOTE_HELD, ReconcileReport, make_plan, observe_local, reconcile
+from syncd.reconcile import ReconcileReport, make_plan, observe_local, reconcile
 from syncd.roots import RootTable, build_roots
 from syncd.server import RunningServer
 from syncd.state import StateLock
