@@ -36,10 +36,9 @@ from syncd import after_sync, hashing, hooks, logs, reconcile, rescan, upload
 from syncd.api import FilesClient
 from syncd.config import Config, ConfigError, load_config, require_api_key
 from syncd.counters import Counters
-from syncd.depth import AdaptiveDepth, FixedDepth, for_setting
 from syncd.manifest import CommitPolicy, Entry, FileKey, Manifest, ManifestReader
 from syncd.plan import Candidate, PathHint, SyncedFile, is_due
-from syncd.remote import make_client, pool_size
+from syncd.remote import make_client, pool_size, upload_workers
 from syncd.rescan import RescanRequest
 from syncd.roots import Root, RootTable, build_roots, file_filter
 from syncd.scan import stat_path
@@ -105,7 +104,6 @@ class _Pipes:
     commit: CommitPolicy
     cache: upload.RemoteCache
     unreadable: logs.UnreadableLog
-    depth: AdaptiveDepth | FixedDepth
     gate: Gate | None
     """The daemon pauses at it while the state dir cannot be written; one pass has none and ends."""
     hook_runs: hooks.HookQueue
@@ -129,7 +127,6 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
         commit=CommitPolicy(manifest),
         cache=upload.RemoteCache(run.client),
         unreadable=logs.UnreadableLog(),
-        depth=for_setting(config.remote.concurrency, maximum=config.remote.max_concurrency),
         gate=Gate() if daemon else None,
         hook_runs=hooks.HookQueue(hooks.HOOK_QUEUE),
         drops=asyncio.Queue(after_sync.AFTER_SYNC_QUEUE),
@@ -214,8 +211,7 @@ async def wire(run: Run, *, halt: asyncio.Event | None, notifier: Notifier | Non
                 due=run.due,
                 clock=clock,
                 counters=counters,
-                concurrency=lambda: q.depth.limit,
-                observe=q.depth.observe,
+                workers=upload_workers(config),
                 gate=q.gate,
                 throttle=upload.UploadRate(rate) if (rate := config.remote.max_upload_rate) else None,
                 synced=synced,
@@ -485,9 +481,9 @@ async def _watch_and_wait(
             notifier.status(f"paused: {gate.reason}" if gate.reason else summary)
             live.paused = gate.reason
             live.in_flight = counters.in_flight
-            if live.concurrency != q.depth.limit:
-                log.info("in-flight depth", depth=q.depth.limit, setting=config.remote.concurrency)
-            live.concurrency = q.depth.limit
+            if live.concurrency != run.client.depth:
+                log.info("in-flight depth", depth=run.client.depth, setting=config.remote.concurrency)
+            live.concurrency = run.client.depth
             live.crashed = counters.crashed
             live.last_reconcile_at = counters.last_reconcile_at
             live.queues = depths()

@@ -401,7 +401,13 @@ def upload(
                         hit = await client.find_by_md5(md5, purpose=purpose)
                     if hit is not None and hit.purpose == purpose:
                         return hit, True
-                return await client.upload(path, purpose=purpose, expected=(size, mtime_ns)), False
+                from syncd.plan import remote_name
+
+                name = remote_name(path.name)  # a Latin-1 name from an old share is not valid UTF-8
+                return (
+                    await client.upload(path, purpose=purpose, filename=name, expected=(size, mtime_ns)),
+                    False,
+                )
             except _expected_errors() as exc:
                 return failure(f"files upload {path}", exc, cfg.remote.base_url)
 

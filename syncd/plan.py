@@ -16,6 +16,8 @@ The per-file flow the daemon runs:
 
 from __future__ import annotations
 
+import os
+import unicodedata
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -490,3 +492,12 @@ def destination_names(relpath: str) -> Iterator[str]:
     yield relpath
     for n in range(1, MAX_CLASH_SUFFIX + 1):
         yield f"{head}{sep}{stem} ({n}){dot}{ext}"
+
+
+def remote_name(name: str) -> str:
+    """The filename a local file is uploaded under: valid UTF-8 (undecodable bytes of a Latin-1 name become
+    U+FFFD), printable (control characters too), NFC and unpadded, as a server keeps it; the exact local
+    name stays in the manifest. Sent as kept, a crash's upload is recognised by its name."""
+    text = os.fsencode(name).decode("utf-8", "replace")
+    text = unicodedata.normalize("NFC", "".join(c if c.isprintable() else "\ufffd" for c in text)).strip()
+    return text or "unnamed"

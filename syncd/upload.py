@@ -13,12 +13,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
-import os
 import time
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import structlog
 from aiolimiter import AsyncLimiter
@@ -41,6 +38,7 @@ from syncd.plan import (
     SyncedFile,
     UploadJob,
     on_upload_error,
+    remote_name,
     resolve,
     retry_delay,
 )
@@ -83,15 +81,6 @@ class _Ledger:
 
     def __contains__(self, remote_id: object) -> bool:
         return isinstance(remote_id, str) and self._manifest.is_owned(remote_id)
-
-
-def remote_name(name: str) -> str:
-    """The filename a local file is uploaded under: valid UTF-8 (undecodable bytes of a Latin-1 name become
-    U+FFFD), printable (control characters too), NFC and unpadded, as a server keeps it; the exact local
-    name stays in the manifest. Sent as kept, a crash's upload is recognised by its name."""
-    text = os.fsencode(name).decode("utf-8", "replace")
-    text = unicodedata.normalize("NFC", "".join(c if c.isprintable() else "\ufffd" for c in text)).strip()
-    return text or "unnamed"
 
 
 def ours_by_intent(hit: FileResponse, job: UploadJob, window: float) -> bool:
@@ -349,7 +338,6 @@ def _record_error(
 
 # -- the stage -----------------------------------------------------------------------------------------
 
-OBSERVED_SIZE = 1 << 20  # jobs up to this size tell the depth controller about the server's latency
 PREFETCH_LISTING_MIN = 64  # at least this many new files make one listing cheaper than N hash lookups
 LISTING_PAGES_PER_FILE = 0.05  # give up on the listing beyond one page per 20 new files (huge remotes)
 INDEX_TTL_SECONDS = 600.0  # after this, a cache check asks the server again
@@ -459,31 +447,24 @@ async def run(
     due: Callable[[Entry], bool],
     clock: Callable[[], float],
     counters: Counters,
-    concurrency: Callable[[], int],
-    observe: Callable[[float, float, Literal["ok", "overload"]], None],
+    workers: int,
     gate: Gate | None,
     synced: Callable[[SyncedFile], None],
     throttle: Throttle | None = None,
 ) -> None:
-    """Jobs in until ``None``, up to ``concurrency()`` at once; each row ends synced, failed or scheduled.
+    """Jobs in until ``None``, up to ``workers`` at once; each row ends synced, failed or scheduled.
 
-    ``observe(now, latency, outcome)`` hears how each small job went (the in-flight depth controller):
-    a big file's transfer time says nothing about the server's queue, only its errors do.
+    ``workers`` is the ceiling, not the pace: the client's request slots decide how many requests are
+    in flight now, and a job waiting out a backoff or a stalled answer holds a worker but no slot.
     """
     inflight: dict[tuple[str, str], asyncio.Event] = {}
 
     async def one(job: UploadJob) -> None:
-        started = time.monotonic()
         try:
             outcome = await _resolve(job)
         finally:
             jobs.done(job.key)
         _count(outcome, job)
-        finished = time.monotonic()
-        if outcome is Outcome.RETRY:
-            observe(finished, finished - started, "overload")
-        elif outcome in (Outcome.UPLOADED, Outcome.REUSED) and job.stat.size <= OBSERVED_SIZE:
-            observe(finished, finished - started, "ok")
         commit.maybe()
 
     async def _resolve(job: UploadJob) -> Outcome:
@@ -546,5 +527,5 @@ async def run(
             )
 
     await supervised(
-        jobs.queue, one, workers=concurrency, counters=counters, what="upload", on_crash=crashed, gate=gate
+        jobs.queue, one, workers=workers, counters=counters, what="upload", on_crash=crashed, gate=gate
     )

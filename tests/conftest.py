@@ -288,13 +288,13 @@ class Syncd:
         env.update(VLMRUN_API_KEY=self.server.api_key, PYTHONUNBUFFERED="1")
         return env
 
-    def _argv(self, *args: str) -> list[str]:
+    def argv(self, *args: str) -> list[str]:
         return [*self.launcher, sys.executable, "-m", "syncd", *args, "--config", str(self.config_path)]
 
     def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run one syncd command to completion (stdout: JSON log lines or command output)."""
         return subprocess.run(
-            self._argv(*args), env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
+            self.argv(*args), env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
         )
 
     def sync_once(self, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
@@ -312,7 +312,7 @@ class Syncd:
         out, err = self.workdir / f"daemon-{n}.out", self.workdir / f"daemon-{n}.err"
         with out.open("wb") as stdout, err.open("wb") as stderr:
             proc = subprocess.Popen(
-                self._argv("run"), env=self.env(), stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
+                self.argv("run"), env=self.env(), stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
             )
         daemon = DaemonProcess(proc, out, err)
         self.daemons.append(daemon)

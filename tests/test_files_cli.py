@@ -393,7 +393,7 @@ def on_tty(ws: Syncd, *args: str, typed: bytes = b"") -> tuple[int, str]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
     env = {**ws.env(), "TERM": "xterm"}
-    proc = subprocess.Popen(ws._argv("files", *args), stdin=slave, stdout=slave, stderr=slave, env=env)
+    proc = subprocess.Popen(ws.argv("files", *args), stdin=slave, stdout=slave, stderr=slave, env=env)
     os.close(slave)
     os.write(master, typed)
     screen = b""
@@ -508,3 +508,22 @@ def test_cleanup_deletes_exactly_the_old_enough_files_of_the_purpose_and_owner(
         listing, now=NOW, older_than=max(older_than, other_age), purpose=purpose, owned=owned
     )
     assert {d.file.id for d in stricter.delete} <= set(chosen)
+
+
+def test_upload_of_a_name_that_is_not_utf8_sends_a_valid_one(ws: Syncd, tmp_path: Path) -> None:
+    """A Latin-1 name (an old SMB share's) goes up under a valid UTF-8 filename, and the command says
+    which local file it was without failing on the undecodable byte."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"caf\xe9.txt")
+    with open(raw, "wb") as fh:
+        fh.write(b"latin-1 name")
+    argv = ws.argv("files", "upload", os.fsdecode(raw), "--config", str(ws.config_path))
+    done = subprocess.run(argv, env=ws.env(), capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    sent, action, printed = done.stdout.rstrip(b"\n").split(b"\t")
+    assert (action, printed) == (b"uploaded", raw), "the local path is printed as it is, byte for byte"
+    remote_id = sent.decode()
+    (item,) = [f for f in ws.remote() if f["id"] == remote_id]
+    assert item["filename"] == "caf\ufffd.txt"
+    assert ws.content(remote_id) == b"latin-1 name"

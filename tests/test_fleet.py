@@ -120,7 +120,7 @@ def test_members_uploading_the_same_new_file_at_once_each_prune_only_their_copy(
         (w.root / "report.pdf").write_bytes(b"the same report, dropped on two machines")
     runs = [
         subprocess.Popen(
-            w._argv("sync", "--once"), env=w.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            w.argv("sync", "--once"), env=w.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         for w in (a, b)
     ]

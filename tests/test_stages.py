@@ -103,8 +103,7 @@ class UploadStage:
                 due=lambda entry: is_due(entry, self.now),
                 clock=lambda: self.now,
                 counters=self.counters,
-                concurrency=lambda: 4,
-                observe=lambda now, latency, outcome: None,
+                workers=4,
                 gate=None,
                 synced=lambda done: None,
             )

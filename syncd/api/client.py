@@ -44,6 +44,7 @@ from syncd.api.errors import (
     error_for_status,
 )
 from syncd.api.models import FileResponse, PresignedUrlResponse
+from syncd.api.pacing import OBSERVED_SIZE, Pacer
 from syncd.api.retry import (
     MAX_RETRY_AFTER_SECONDS,
     RetryPolicy,
@@ -53,6 +54,7 @@ from syncd.api.retry import (
 )
 from syncd.api.transport import TransportKind, make_transport
 from syncd.config import CONCURRENCY, PRESIGNED_THRESHOLD, RETRIES, TIMEOUT_SECONDS
+from syncd.depth import AdaptiveDepth, FixedDepth
 
 T = TypeVar("T")
 
@@ -185,8 +187,10 @@ async def _open_file(
 class FilesClient:
     """Client of one Files API endpoint; use as ``async with FilesClient(...) as client``.
 
-    ``concurrency`` bounds the requests in flight (and the connection pool); a caller awaiting more waits
-    for a slot *before* its deadline starts, so queueing behind big uploads is never mistaken for a timeout.
+    ``concurrency`` bounds the requests in flight (and the connection pool); ``depth`` (default: pinned at
+    ``concurrency``) decides how many of them may be in flight now (:mod:`syncd.api.pacing`). A caller
+    awaiting a slot waits *before* its deadline starts, so queueing behind big uploads is never mistaken
+    for a timeout.
     ``retries`` counts retries after the first attempt. ``transport`` names the transport to build
     ("aiohttp", "httpx": httpx's own, which also honours proxies from the environment) or is one to use
     as it is (its pool should hold ``concurrency`` connections). ``sleep`` and ``uniform`` (a draw from
@@ -203,6 +207,7 @@ class FilesClient:
         timeout: float = TIMEOUT_SECONDS,
         retries: int = RETRIES,
         concurrency: int = CONCURRENCY,
+        depth: AdaptiveDepth | FixedDepth | None = None,
         presigned_threshold: int = PRESIGNED_THRESHOLD,
         transport: TransportKind | httpx.AsyncBaseTransport = "aiohttp",
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -227,7 +232,11 @@ class FilesClient:
         )
         self._sleep = sleep
         self._uniform = uniform
-        self._slots = asyncio.Semaphore(concurrency)
+        self._pacer = Pacer(
+            depth or FixedDepth(concurrency),
+            capacity=concurrency,
+            release_stalled=isinstance(depth, AdaptiveDepth),
+        )
         # Whether this server has shown our md5 extension; only then is `purpose` sent on hash lookups
         # (design §5: use an extension only after seeing it).
         self.extensions = False
@@ -250,6 +259,11 @@ class FilesClient:
             transport=chosen,
             follow_redirects=False,
         )
+
+    @property
+    def depth(self) -> int:
+        """How many requests may be in flight now (the adaptive depth's current value, or the pinned one)."""
+        return self._pacer.limit
 
     @property
     def attempts(self) -> int:
@@ -333,7 +347,7 @@ class FilesClient:
         url = f"files/{_segment(file_id)}/content"
 
         async def attempt() -> int:
-            async with self._slots:
+            async with self._pacer.slot(observed=False):
                 return await self._receive(url, dest)
 
         return await call_with_retries(
@@ -412,6 +426,7 @@ class FilesClient:
         else:
             item = await self._upload_direct(
                 path,
+                size=size,
                 name=name,
                 purpose=purpose,
                 public=generate_public_url,
@@ -426,6 +441,7 @@ class FilesClient:
         self,
         path: Path,
         *,
+        size: int,
         name: str,
         purpose: str,
         public: bool,
@@ -467,7 +483,15 @@ class FilesClient:
                 yield _Body(stream(), len(head) + size + len(tail), content_type)
 
         params = {"purpose": purpose, "generate_public_url": "true" if public else "false"}
-        response = await self._call("upload", "POST", "files", params=params, body=multipart, resend=False)
+        response = await self._call(
+            "upload",
+            "POST",
+            "files",
+            params=params,
+            body=multipart,
+            resend=False,
+            observed=size <= OBSERVED_SIZE,
+        )
         return _parse(FileResponse, response)
 
     async def _upload_presigned(
@@ -493,7 +517,7 @@ class FilesClient:
 
         # The URL authorises itself; like the SDK, send no API key to what may be another host.
         target = self._base_url.join(grant.url)
-        await self._call("presigned_put", "PUT", target, body=raw, authorize=False)
+        await self._call("presigned_put", "PUT", target, body=raw, authorize=False, observed=False)
         return _parse(
             FileResponse, await self._call("verify", "GET", f"files/verify-upload/{_segment(grant.id)}")
         )
@@ -511,13 +535,15 @@ class FilesClient:
         body: Callable[[], AbstractAsyncContextManager[_Body]] | None = None,
         authorize: bool = True,
         resend: bool = True,
+        observed: bool = True,
     ) -> httpx.Response:
         """Send one logical request with retries; return the 2xx response or raise an :class:`ApiError`.
 
         ``body`` builds a fresh :class:`_Body` context per attempt, so a retry re-opens the file.
         ``resend=False`` for a request that stores a new file each time it is carried out: it is sent again
         only after an answer saying it was not (429, 503, no connection); any other failure raises
-        :class:`OutcomeUnknownError`.
+        :class:`OutcomeUnknownError`. ``observed``: its latency is a sample of the server's (not a big
+        body's: its time says how fast the link is, see :mod:`syncd.api.pacing`).
         """
 
         target = (
@@ -525,16 +551,16 @@ class FilesClient:
         )
 
         async def attempt() -> httpx.Response:
-            async with self._slots:
-                try:
+            try:
+                async with self._pacer.slot(observed=observed):
                     if body is None:
                         return await self._send(method, target, json=json, authorize=authorize)
                     async with body() as b:
                         return await self._send(method, target, body=b, authorize=authorize)
-                except (NetworkError, ServerError) as exc:
-                    if resend or _not_carried_out(exc):
-                        raise
-                    raise OutcomeUnknownError(f"{exc} (it may have been stored)", status=exc.status) from exc
+            except (NetworkError, ServerError) as exc:
+                if resend or _not_carried_out(exc):
+                    raise
+                raise OutcomeUnknownError(f"{exc} (it may have been stored)", status=exc.status) from exc
 
         return await call_with_retries(
             attempt, policy=self._policy, sleep=self._sleep, uniform=self._uniform, op=op
