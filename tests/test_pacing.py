@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from syncd.api.errors import NotFoundError, RateLimitedError, ServerError
-from syncd.api.pacing import Pacer
+from syncd.api.pacing import MIN_SAMPLES, Pacer
 from syncd.depth import AdaptiveDepth, FixedDepth
 
 pytestmark = pytest.mark.anyio
@@ -23,13 +23,21 @@ async def settle_loop(rounds: int = 20) -> None:
         await asyncio.sleep(0)
 
 
+async def primed(pacer: Pacer) -> Pacer:
+    """``pacer`` after enough quick answers that it knows the server's usual latency."""
+    for _ in range(MIN_SAMPLES):
+        async with pacer.slot(observed=True):
+            pass
+    return pacer
+
+
 async def hold(pacer: Pacer, release: asyncio.Event, *, observed: bool = True) -> None:
     async with pacer.slot(observed=observed):
         await release.wait()
 
 
 async def test_a_stalled_request_lets_the_next_one_go_on_an_adaptive_depth() -> None:
-    pacer = Pacer(AdaptiveDepth(maximum=8), capacity=8, release_stalled=True, stall_floor=0.0)
+    pacer = await primed(Pacer(AdaptiveDepth(maximum=1), capacity=8, release_stalled=True, stall_floor=0.0))
     assert pacer.limit == 1
     stuck, other = asyncio.Event(), asyncio.Event()
     first = asyncio.create_task(hold(pacer, stuck))
@@ -46,7 +54,7 @@ async def test_a_stalled_request_lets_the_next_one_go_on_an_adaptive_depth() -> 
 
 
 async def test_a_pinned_depth_never_lets_more_than_n_go() -> None:
-    pacer = Pacer(FixedDepth(1), capacity=1, release_stalled=False, stall_floor=0.0)
+    pacer = await primed(Pacer(FixedDepth(1), capacity=1, release_stalled=False, stall_floor=0.0))
     stuck, other = asyncio.Event(), asyncio.Event()
     first = asyncio.create_task(hold(pacer, stuck))
     await settle_loop()
@@ -60,7 +68,7 @@ async def test_a_pinned_depth_never_lets_more_than_n_go() -> None:
 
 
 async def test_stalled_requests_never_exceed_the_pool() -> None:
-    pacer = Pacer(AdaptiveDepth(maximum=3), capacity=3, release_stalled=True, stall_floor=0.0)
+    pacer = await primed(Pacer(AdaptiveDepth(maximum=3), capacity=3, release_stalled=True, stall_floor=0.0))
     stuck = asyncio.Event()
     held = [asyncio.create_task(hold(pacer, stuck)) for _ in range(6)]
     await settle_loop()
@@ -71,7 +79,7 @@ async def test_stalled_requests_never_exceed_the_pool() -> None:
 
 
 async def test_a_big_transfer_is_never_counted_as_stalled() -> None:
-    pacer = Pacer(AdaptiveDepth(maximum=8), capacity=8, release_stalled=True, stall_floor=0.0)
+    pacer = await primed(Pacer(AdaptiveDepth(maximum=1), capacity=8, release_stalled=True, stall_floor=0.0))
     stuck, other = asyncio.Event(), asyncio.Event()
     first = asyncio.create_task(hold(pacer, stuck, observed=False))
     await settle_loop()
@@ -79,6 +87,19 @@ async def test_a_big_transfer_is_never_counted_as_stalled() -> None:
     other.set()
     await settle_loop()
     assert not second.done(), "a long PUT is progress, not a stall"
+    stuck.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+
+async def test_nothing_counts_as_stalled_before_the_usual_latency_is_known() -> None:
+    pacer = Pacer(AdaptiveDepth(maximum=8), capacity=8, release_stalled=True, stall_floor=0.0)
+    stuck, other = asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(hold(pacer, stuck))
+    await settle_loop()
+    second = asyncio.create_task(hold(pacer, other))
+    other.set()
+    await settle_loop()
+    assert not second.done(), "a first request on a 50 ms WAN is not a stall"
     stuck.set()
     await asyncio.wait_for(asyncio.gather(first, second), 5)
 

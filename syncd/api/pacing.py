@@ -30,7 +30,9 @@ STALL_FACTOR = 8.0
 STALL_FLOOR = 0.05
 """...and at least this long: loopback's median is a millisecond, and a commit on a disk can take tens."""
 SAMPLES = 64
-"""Latencies the median is taken over."""
+"""Latencies the median is taken over..."""
+MIN_SAMPLES = 8
+"""...once there are this many: before that no request counts as stalled (a 50 ms WAN is not a stall)."""
 OBSERVED_SIZE = 1 << 20
 """Requests sending up to this many bytes are samples of the server's latency."""
 
@@ -91,7 +93,7 @@ class Pacer:
         started = self._clock()
         timer = (
             asyncio.get_running_loop().call_later(self._stall_after(), self._stall, hold)
-            if observed and self._release_stalled
+            if observed and self._release_stalled and len(self._recent) >= MIN_SAMPLES
             else None
         )
         outcome: Literal["ok", "overload"] | None = "ok"
@@ -112,11 +114,11 @@ class Pacer:
                 self._active -= 1
             now = self._clock()
             latency = now - started
+            if outcome == "ok" and observed:
+                # Every answer moves the median, so a network that got slower moves the threshold too.
+                self._recent.append(latency)
             if outcome == "overload" or (outcome == "ok" and observed and not hold.stalled):
-                # A stalled request's latency is an outlier, not the queue's length: left out of both
-                # the controller's rounds and the stall threshold.
-                if outcome == "ok":
-                    self._recent.append(latency)
+                # A stalled request's latency is an outlier, not the length of the server's queue.
                 self.depth.observe(now, latency, outcome)
             self._wake()
 
@@ -148,8 +150,7 @@ class Pacer:
                 ticket.set_result(None)
 
     def _stall_after(self) -> float:
-        median = statistics.median(self._recent) if self._recent else 0.0
-        return max(self._stall_floor, STALL_FACTOR * median)
+        return max(self._stall_floor, STALL_FACTOR * statistics.median(self._recent))
 
     def _stall(self, hold: _Hold) -> None:
         hold.stalled = True
