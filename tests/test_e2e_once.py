@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,10 +94,14 @@ def test_once_syncs_a_tree_and_a_second_pass_does_nothing(
     # A second process on the unchanged tree: one stat per file, no hashing, no request for a file.
     lookups, lists = server.stats.hash_lookups, server.stats.lists
     updated = {p: r.updated_at for p, r in rows.items()}
-    again = w.sync_once()
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr
+    env = {**w.env(), "PYTHONPROFILEIMPORTTIME": "1"}  # stderr: one line per module imported
+    again = subprocess.run(w.argv("sync", "--once"), env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     counters = pass_done(again.stdout)
     assert (counters["hashed"], counters["uploaded"], counters["failed"]) == (0, 0, 0)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in again.stderr.splitlines() if "|" in line}
+    assert "syncd.manifest" in imported
+    assert "aiohttp" not in imported, "a pass with nothing to send builds no transport"
     assert server.stats.uploads == len(TREE)
     assert (server.stats.hash_lookups, server.stats.lists) == (lookups, lists)
     assert {p: r.updated_at for p, r in w.rows().items()} == updated
