@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import platform
 import shutil
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         keep=args.keep,
     )
     signal.signal(signal.SIGTERM, _terminate)
+    # Every child starts from syncd's bytecode, as an installed package does: a checkout run under
+    # PYTHONDONTWRITEBYTECODE (some machines set it) would compile its sources in every process, ~110 ms.
+    compileall.compile_dir(Path(__file__).resolve().parent.parent / "syncd", quiet=1)
     ctx = Context(options)
     rows: list[Row] = []
     notes: list[str] = []

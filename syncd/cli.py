@@ -10,12 +10,14 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from syncd.config import Config, ConfigError, load_config, redacted
 from syncd.files_cmd import files_app
+
+if TYPE_CHECKING:
+    from syncd.config import Config
 
 EXIT_INCOMPLETE = 1
 EXIT_USAGE = 2
@@ -51,6 +53,7 @@ RebindOption = Annotated[
 
 def _finish(command: Callable[[], int]) -> NoReturn:
     """Run a command that uses the state dir; its known failures are one line and an exit code."""
+    from syncd.config import ConfigError
     from syncd.manifest import RemoteMismatch
     from syncd.state import AlreadyRunning, StateError
 
@@ -66,7 +69,13 @@ def _finish(command: Callable[[], int]) -> NoReturn:
 
 
 def _load(path: Path | None) -> Config:
-    """Load the config; its warnings are printed here, once per command (a SIGHUP reload stays quiet)."""
+    """Load the config; its warnings are printed here, once per command (a SIGHUP reload stays quiet).
+
+    The config's pydantic models are imported here, not with this module: `syncd --help` and `syncd serve`
+    do not need them.
+    """
+    from syncd.config import ConfigError, load_config
+
     try:
         cfg = load_config(path)
     except ConfigError as exc:
@@ -208,6 +217,8 @@ def status(
 @app.command("check-config")
 def check_config(config: ConfigOption = None) -> None:
     """Validate the config and print the effective settings (the API key redacted)."""
+    from syncd.config import redacted
+
     cfg = _load(config)
     effective = redacted(cfg)
     effective["state"]["dir"] = str(cfg.state_dir)

@@ -3,6 +3,7 @@ workspaces that run syncd as a real process for the end-to-end tests."""
 
 from __future__ import annotations
 
+import compileall
 import hashlib
 import json
 import os
@@ -40,6 +41,12 @@ T = TypeVar("T")
 settings.register_profile("ci", deadline=None)
 settings.register_profile("soak", max_examples=1000, stateful_step_count=30, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The end-to-end tests start syncd hundreds of times: compile it once, not in every process (a
+    machine may set PYTHONDONTWRITEBYTECODE, and then nothing caches the bytecode)."""
+    compileall.compile_dir(Path(__file__).resolve().parent.parent / "syncd", quiet=1)
 
 
 def free_port() -> int:
