@@ -122,7 +122,7 @@ def _figure(seconds: float, count: int) -> str:
 
 def initial_loopback(ctx: Context) -> Outcome:
     count = 300 if ctx.options.quick else 10_000
-    return run_initial(ctx, name="loopback", count=count, latency_ms=0, goal_ratio=3, goal_rate=1000)
+    return run_initial(ctx, name="loopback", count=count, latency_ms=0, goal_ratio=5, goal_rate=1000)
 
 
 def initial_latency(ctx: Context) -> Outcome:
