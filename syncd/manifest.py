@@ -45,8 +45,6 @@ import hashlib
 import re
 import sqlite3
 import time
-from array import array
-from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -251,9 +249,6 @@ class HookStats:
     last_error_path: str | None
 
 
-QuickKey = tuple[StatKey, State]
-
-
 _I64 = 1 << 63
 
 
@@ -284,95 +279,162 @@ def _where(key: FileKey) -> tuple[int, str | bytes]:
     return key.root_id, _stored(key.relpath)
 
 
-_STATE_CODES: tuple[State, ...] = tuple(State)
-_CODE_OF: dict[str, int] = {s.value: i for i, s in enumerate(_STATE_CODES)}
+_STATE_OF: dict[str, State] = {s.value: s for s in State}
+
+_TEXT_ROWS = (
+    "SELECT id, relpath, size, mtime_ns, ctime_ns, inode, state FROM files"
+    " WHERE root_id=? AND relpath>=? AND relpath<? AND source IS NULL AND id<=? AND relpath NOT GLOB ?"
+)
+"""A directory's own rows: the range of its relpaths, less those of its subdirectories (the GLOB is
+answered from the index, before any table row is read: ~0.2 µs per subdirectory row passed over)."""
+_GLOB_SPECIAL = re.compile(r"([*?\[])")
+_BLOB_ROWS = (
+    "SELECT id, substr(relpath, ?), size, mtime_ns, ctime_ns, inode, state FROM files"
+    " WHERE root_id=? AND relpath>=? AND relpath<? AND source IS NULL AND id<=?"
+    " AND instr(substr(relpath, ?), x'2f')=0"
+)
+_BLOBS_FROM = b""
+"""SQLite orders every text before every blob: ``relpath >= x''`` is the blob rows, ``< x''`` the text."""
+
+
+def _text_range(dirrel: str) -> tuple[str, str | bytes] | None:
+    """Bounds of the text relpaths below ``dirrel`` ('/' + 1 is '0'); None: it has none (not UTF-8)."""
+    if not dirrel:
+        return "", _BLOBS_FROM
+    try:
+        dirrel.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return dirrel + "/", dirrel + "0"
+
+
+def _blob_range(dirrel: str) -> tuple[bytes, bytes]:
+    if not dirrel:
+        return _BLOBS_FROM, b"\xff" * 4096  # above any stored name: a path is at most 4,096 bytes
+    raw = dirrel.encode("utf-8", "surrogateescape")
+    return raw + b"/", raw + b"0"
 
 
 class QuickIndex:
-    """One root's (relpath → stat key, state) for the one-stat quick check, in ~41 bytes per row.
+    """One root's rows for the one-stat quick check, loaded a directory at a time as the walk enters it.
 
-    Rows are kept in parallel arrays sorted by Python's ``hash(relpath)`` (stable within a process),
-    so 1M rows cost ~40 MiB (measured: peak RSS +42 MiB) instead of ~350 MiB for a dict of tuples.
-    Two paths whose hashes collide are both reported unknown (the file is hashed and the exact row
-    consulted) and both count as seen (a missed delete is safe, a false one is not). ``mark_seen`` lets
-    a full rescan find the rows it never met:
-    ``[e for e in manifest.iter_root(r) if not index.was_seen(e.relpath)]``.
+    A walk meets the files of one directory together, so the rows of that directory (one indexed range
+    query) are all it needs at a time, as a dict by name. On a million-row root (1,000 directories) one
+    sorted array of every row's hash took 3.9 s to load and its bisects, missing the CPU cache, 5 µs per
+    file; the per-directory dicts take 0.4 s to count and ~3 µs per file with their queries (a no-change
+    pass: 17.8 s → 8.9 s). Memory: one directory's rows and a byte per row id.
+
+    Only rows that existed at construction count (``id <= max id`` then): a row written later (a file
+    the same walk found and the hashers queued) is no evidence of anything. A row the walk met, or whose
+    path the walk met, is seen; ``was_seen`` is False only for a row that existed, was not met, and whose
+    path the walk did not yield either (a missed delete is safe, a false one is not).
     """
 
-    __slots__ = ("_codes", "_ctime", "_inode", "_keys", "_mtime", "_seen", "_size")
+    __slots__ = (
+        "_blobs",
+        "_conn",
+        "_dir",
+        "_max_id",
+        "_met",
+        "_root_id",
+        "_rows",
+        "_seen",
+        "_seen_count",
+        "_total",
+    )
 
-    def __init__(self, rows: Iterator[tuple[int, int, int, int, int, str]]) -> None:
-        self._keys = array("q")
-        self._size = array("q")
-        self._mtime = array("q")
-        self._ctime = array("q")
-        self._inode = array("Q")
-        self._codes = array("B")
-        for h, size, mtime_ns, ctime_ns, inode, state in rows:
-            self._keys.append(h)
-            self._size.append(size)
-            self._mtime.append(mtime_ns)
-            self._ctime.append(ctime_ns)
-            self._inode.append(_u64(inode))
-            self._codes.append(_CODE_OF[state])
-        self._seen = bytearray(len(self._keys))
+    def __init__(self, conn: sqlite3.Connection, root_id: int, under: str = "") -> None:
+        self._conn = conn
+        self._root_id = root_id
+        max_id, self._blobs = conn.execute(
+            "SELECT (SELECT max(id) FROM files),"
+            " EXISTS (SELECT 1 FROM files WHERE root_id=? AND relpath>=? AND source IS NULL)",
+            (root_id, _BLOBS_FROM),
+        ).fetchone()
+        self._max_id: int = max_id or 0
+        self._seen = bytearray(self._max_id + 1)
+        self._seen_count = 0
+        self._met: set[str] = set()
+        self._dir: str | None = None
+        self._rows: dict[str, tuple[int, str, int, int, int, int, str]] = {}
+        self._total = self._count(under.strip("/"))
+
+    def _count(self, under: str) -> int:
+        ranges: list[tuple[str | bytes, str | bytes]] = []
+        if (text := _text_range(under)) is not None:
+            ranges.append(text)
+        if self._blobs:
+            ranges.append(_blob_range(under))
+        where = " OR ".join("(relpath>=? AND relpath<?)" for _ in ranges) or "0"
+        sql = (
+            "SELECT count(*) FROM files WHERE root_id=? AND source IS NULL AND id<=? AND state!='deleted'"
+            f" AND ({where})"
+        )
+        bounds = [bound for r in ranges for bound in r]
+        (total,) = self._conn.execute(sql, (self._root_id, self._max_id, *bounds)).fetchone()
+        return int(total)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        """Rows the walk is expected to meet: those below ``under`` that existed at construction and were
+        not ``deleted``."""
+        return self._total
 
-    def _span(self, relpath: str) -> tuple[int, int]:
-        h = hash(relpath)
-        lo = bisect_left(self._keys, h)
-        if lo == len(self._keys) or self._keys[lo] != h:
-            return lo, lo
-        return lo, bisect_right(self._keys, h, lo)
-
-    def get(self, relpath: str) -> QuickKey | None:
-        lo, hi = self._span(relpath)
-        if hi - lo != 1:
-            return None
-        stat = StatKey(self._size[lo], self._mtime[lo], self._ctime[lo], self._inode[lo])
-        return stat, _STATE_CODES[self._codes[lo]]
-
-    def mark_seen(self, relpath: str) -> None:
-        lo, hi = self._span(relpath)
-        for i in range(lo, hi):
-            self._seen[i] = 1
+    def _enter(self, dirrel: str) -> None:
+        rows: dict[str, tuple[int, str, int, int, int, int, str]] = {}
+        args = (self._root_id,)
+        if (text := _text_range(dirrel)) is not None:
+            prefix = text[0]
+            nested = _GLOB_SPECIAL.sub(r"[\1]", prefix) + "*/*"
+            cut = len(prefix)
+            for row in self._conn.execute(_TEXT_ROWS, (*args, *text, self._max_id, nested)):
+                rows[row[1][cut:]] = row
+        if self._blobs:
+            low, high = _blob_range(dirrel)
+            start = len(low) + 1
+            for row in self._conn.execute(_BLOB_ROWS, (start, *args, low, high, self._max_id, start)):
+                name = _loaded(row[1])
+                rows[name] = (row[0], name, *row[2:])
+        self._dir, self._rows = dirrel, rows
 
     def seen_unchanged(
         self, relpath: str, size: int, mtime_ns: int, ctime_ns: int, inode: int
     ) -> State | None:
         """Mark ``relpath`` seen and return its row's state if the stat key is unchanged, else None.
 
-        The walk's hot path: one hash and one bisect per file, no objects built (``get`` + ``mark_seen``
-        + a ``StatKey`` compare cost three times as much on a million-file no-change pass).
+        The walk's hot path: a split and a dict lookup per file, no objects built.
         """
-        lo, hi = self._span(relpath)
-        for i in range(lo, hi):
-            self._seen[i] = 1
-        if hi - lo != 1:
+        dirrel, _, name = relpath.rpartition("/")
+        if dirrel != self._dir:
+            self._enter(dirrel)
+        row = self._rows.get(name)
+        if row is None:
+            self._met.add(relpath)
             return None
-        if (
-            self._size[lo] != size
-            or self._mtime[lo] != mtime_ns
-            or self._ctime[lo] != ctime_ns
-            or self._inode[lo] != inode
-        ):
+        row_id, _, r_size, r_mtime, r_ctime, r_inode, state = row
+        if not self._seen[row_id]:
+            self._seen[row_id] = 1
+            self._seen_count += state != "deleted"  # as counted in ``len``: a deleted row is not expected
+        if r_size != size or r_mtime != mtime_ns or r_ctime != ctime_ns or _u64(r_inode) != inode:
             return None
-        return _STATE_CODES[self._codes[lo]]
+        return _STATE_OF[state]
 
     def all_seen(self) -> bool:
-        """Every row the index was loaded with was met by the walk (the usual no-change pass)."""
-        return self._seen.count(0) == 0
+        """Every row below ``under`` was met by the walk (the usual no-change pass)."""
+        return self._seen_count >= self._total
 
-    def was_seen(self, relpath: str) -> bool:
-        """False only for a path the index knew and the walk never met.
-
-        A path unknown to the index (its row was written after the index was loaded, e.g. a file the
-        same walk found and the hashers queued) counts as seen: this walk is no evidence that it is gone.
-        """
-        lo, hi = self._span(relpath)
-        return lo == hi or any(self._seen[lo:hi])
+    def was_seen(self, relpath: str, row_id: int | None = None) -> bool:
+        """False only for a row that existed at construction and that the walk never met (``row_id``, if
+        the caller has it, spares a lookup)."""
+        if relpath in self._met:
+            return True
+        if row_id is None:
+            found = self._conn.execute(
+                "SELECT id FROM files WHERE root_id=? AND relpath=?", (self._root_id, _stored(relpath))
+            ).fetchone()
+            if found is None:
+                return True
+            row_id = int(found[0])
+        return row_id > self._max_id or bool(self._seen[row_id])
 
 
 def _mig_1_initial(conn: sqlite3.Connection) -> None:
@@ -547,8 +609,6 @@ class ManifestReader:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
-        self._conn.create_function("pyhash", 1, hash, deterministic=True)
-        self._conn.create_function("pyhash_bytes", 1, lambda b: hash(_loaded(b)), deterministic=True)
 
     @classmethod
     def open_readonly(cls, state_dir: Path) -> ManifestReader:
@@ -629,16 +689,15 @@ class ManifestReader:
         row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def iter_root_brief(self, root_id: int) -> Iterator[tuple[str, State, str, float | None]]:
-        """(relpath, state, purpose, missing_since) of every row of a root whose file should be there: what
-        a full rescan compares, without building a full Entry per row. Sources after_sync removed are not
+    def iter_root_brief(self, root_id: int) -> Iterator[tuple[int, str, State, str]]:
+        """(row id, relpath, state, purpose) of every row of a root whose file should be there: what a
+        full rescan compares, without building a full Entry per row. Sources after_sync removed are not
         expected on disk."""
         cur = self._conn.execute(
-            "SELECT relpath, state, purpose, missing_since FROM files WHERE root_id=? AND source IS NULL",
-            (root_id,),
+            "SELECT id, relpath, state, purpose FROM files WHERE root_id=? AND source IS NULL", (root_id,)
         )
-        for relpath, state, purpose, missing_since in cur:
-            yield _loaded(relpath), State(state), purpose, missing_since
+        for row_id, relpath, state, purpose in cur:
+            yield row_id, _loaded(relpath), _STATE_OF[state], purpose
 
     def missing_rows(self, root_id: int) -> list[Entry]:
         """Rows of a root whose path was seen missing and that are not ``deleted`` yet (the grace sweep)."""
@@ -650,19 +709,13 @@ class ManifestReader:
             )
         )
 
-    def load_quick_index(self, root_id: int) -> QuickIndex:
-        """The compact one-stat quick-check index of a root (sorted by SQLite, not in Python memory).
+    def quick_index(self, root_id: int, under: str = "") -> QuickIndex:
+        """The one-stat quick-check index of a root's walk (or of its subtree ``under``).
 
         Rows whose source after_sync removed are left out: the walk must not miss them, and a file that
         appears at such a path is new.
         """
-        cur = self._conn.execute(
-            "SELECT CASE typeof(relpath) WHEN 'blob' THEN pyhash_bytes(relpath) ELSE pyhash(relpath) END"
-            " AS h, size, mtime_ns, ctime_ns, inode, state FROM files"
-            " WHERE root_id=? AND source IS NULL ORDER BY h",
-            (root_id,),
-        )
-        return QuickIndex(iter(cur))
+        return QuickIndex(self._conn, root_id, under)
 
     # remote references
 

@@ -71,7 +71,7 @@ def _walk_root(
 ) -> _WalkDone:
     """Walk one root (or the subtree `under`) with the one-stat quick check, on a worker thread."""
     with ManifestReader.open_readonly(state_dir) as reader:
-        index = reader.load_quick_index(root_id)
+        index = reader.quick_index(root_id, under)
         batch: list[Candidate] = []
         errors: list[tuple[str, str]] = []
         recursive = root.watch.recursive
@@ -124,10 +124,10 @@ def _walk_root(
         ]
         # A million-row root costs a full pass over its rows only when something can be found there.
         if rules_changed or not index.all_seen():
-            for relpath, state, purpose, _ in reader.iter_root_brief(root_id):
+            for row_id, relpath, state, purpose in reader.iter_root_brief(root_id):
                 if state is State.DELETED or not relpath.startswith(prefix):
                     continue
-                if index.was_seen(relpath):
+                if index.was_seen(relpath, row_id):
                     if rules_changed and state in SETTLED and purpose != purpose_for(relpath):
                         repurposed.append(relpath)
                 elif counts_as_missing(relpath, recursive=recursive, accepted=kept, unreadable=unreadable):

@@ -378,7 +378,7 @@ async def test_a_new_file_at_a_removed_path_is_synced_and_the_old_copy_is_kept(
     assert refs[first.remote_id or ""] == 1
     assert manifest.live_refs(first.remote_id or "") == 1
     # Only the new file's row is expected on disk: a walk finds nothing missing.
-    assert len(manifest.load_quick_index(1)) == 0
+    assert len(manifest.quick_index(1)) == 0
 
 
 # -- end to end -------------------------------------------------------------------------------------------

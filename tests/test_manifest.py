@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -397,30 +398,52 @@ def test_the_table_matches_design_section_3() -> None:
 def test_quick_index_answers_by_relpath_and_tracks_what_a_scan_saw(manifest: Manifest) -> None:
     huge_inode = StatKey(1, 2, 3, 2**64 - 2)  # overlayfs sets the top bit
     names = [f"dir {i % 7}/fïle {i}.pdf" for i in range(500)]
-    for name in names:
+    latin1 = os.fsdecode(b"caf\xe9/r\xe9sum\xe9.pdf")  # not UTF-8: stored as bytes
+    globby = ["br[a]ck*t?/f.pdf", "br[a]ck*t?/sub/g.pdf"]  # GLOB's own characters in a directory name
+    for name in [*names, latin1, "top.pdf", *globby]:
         queue(manifest, FileKey(1, name))
-    manifest.mark_queued(FileKey(1, "big"), xxh3=X1, md5=M1, purpose="vision", stat=huge_inode)
-    queue(manifest, FileKey(2, "other root"))
+    manifest.mark_queued(FileKey(1, "dir 0/big"), xxh3=X1, md5=M1, purpose="vision", stat=huge_inode)
+    queue(manifest, FileKey(2, "dir 0/other root"))
     manifest.commit()
-    index = manifest.load_quick_index(1)
-    assert len(index) == 501
-    assert index.get(names[3]) == (STAT, State.QUEUED)
-    assert index.get("big") == (huge_inode, State.QUEUED)
-    assert (big := manifest.get(FileKey(1, "big"))) is not None
-    assert big.stat == huge_inode
-    assert index.get("other root") is None
-    assert index.get("nope") is None
+    index = manifest.quick_index(1)
+    assert len(index) == 505
+    for name in globby:
+        assert index.seen_unchanged(name, *astuple(STAT)) is State.QUEUED
+    s = STAT
+    assert index.seen_unchanged(names[3], s.size, s.mtime_ns, s.ctime_ns, s.inode) is State.QUEUED
+    assert index.seen_unchanged("top.pdf", s.size, s.mtime_ns + 1, s.ctime_ns, s.inode) is None  # changed
+    h = huge_inode
+    assert index.seen_unchanged("dir 0/big", h.size, h.mtime_ns, h.ctime_ns, h.inode) is State.QUEUED
+    assert index.seen_unchanged(latin1, s.size, s.mtime_ns, s.ctime_ns, s.inode) is State.QUEUED
+    assert index.seen_unchanged("dir 0/other root", *astuple(s)) is None  # another root's row
+    assert index.seen_unchanged("dir 0/new.pdf", *astuple(s)) is None
     for name in names[::2]:
-        index.mark_seen(name)
+        index.seen_unchanged(name, *astuple(s))
+    assert not index.all_seen()
     unseen = [e.relpath for e in manifest.iter_root(1) if not index.was_seen(e.relpath)]
-    assert sorted(unseen) == sorted([*names[1::2], "big"])
+    assert sorted(unseen) == sorted(n for n in names[1::2] if n != names[3])
+    for name in names[1::2]:
+        index.seen_unchanged(name, *astuple(s))
+    assert index.all_seen()
+
+
+def test_a_subtree_index_expects_only_the_rows_below_it_and_no_deleted_ones(manifest: Manifest) -> None:
+    for name in ("a/x.pdf", "a/b/y.pdf", "a.pdf", "ab/z.pdf", "a/gone.pdf"):
+        queue(manifest, FileKey(1, name))
+    manifest.mark_deleted(FileKey(1, "a/gone.pdf"))
+    manifest.commit()
+    index = manifest.quick_index(1, under="a")
+    assert len(index) == 2
+    for name in ("a/x.pdf", "a/b/y.pdf"):
+        assert index.seen_unchanged(name, *astuple(STAT)) is State.QUEUED
+    assert index.all_seen()
 
 
 def test_rows_written_after_the_index_was_loaded_are_never_reported_unseen(manifest: Manifest) -> None:
     """The walk hands new files to the hashers, which queue rows meanwhile: no evidence of a delete."""
     queue(manifest, FileKey(1, "old.pdf"))
     manifest.commit()
-    index = manifest.load_quick_index(1)
+    index = manifest.quick_index(1)
     queue(manifest, FileKey(1, "found by this walk.pdf"))
     manifest.commit()
     unseen = [e.relpath for e in manifest.iter_root(1) if not index.was_seen(e.relpath)]
