@@ -658,6 +658,7 @@ async def _daemon(config: Config, manifest: Manifest, base_url: str, key: str, *
             halt = asyncio.Event()
             relay = asyncio.create_task(_first(stop, reload, then=halt))
             async with make_client(config, base_url, key) as client:
+                client.prepare()
                 roots = RootTable(build_roots(config), manifest)
                 run = Run(
                     config,

@@ -292,6 +292,11 @@ class FilesClient:
             self._built = self._make_http()
         return self._built
 
+    def prepare(self) -> None:
+        """Build the HTTP client now rather than on the first request: a daemon's first uploads should not
+        wait for the transport's import (measured: event → uploaded p99 of settle + 168 ms, not + 9 ms)."""
+        self._http  # noqa: B018 - the property builds it
+
     @property
     def depth(self) -> int:
         """How many requests may be in flight now (the adaptive depth's current value, or the pinned one)."""
