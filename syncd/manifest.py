@@ -381,17 +381,17 @@ class QuickIndex:
 
     def _enter(self, dirrel: str) -> None:
         rows: dict[str, tuple[int, str, int, int, int, int, str]] = {}
-        args = (self._root_id,)
+        root_id, max_id = self._root_id, self._max_id
         if (text := _text_range(dirrel)) is not None:
             prefix = text[0]
             nested = _GLOB_SPECIAL.sub(r"[\1]", prefix) + "*/*"
             cut = len(prefix)
-            for row in self._conn.execute(_TEXT_ROWS, (*args, *text, self._max_id, nested)):
+            for row in self._conn.execute(_TEXT_ROWS, (root_id, *text, max_id, nested)):
                 rows[row[1][cut:]] = row
         if self._blobs:
             low, high = _blob_range(dirrel)
             start = len(low) + 1
-            for row in self._conn.execute(_BLOB_ROWS, (start, *args, low, high, self._max_id, start)):
+            for row in self._conn.execute(_BLOB_ROWS, (start, root_id, low, high, max_id, start)):
                 name = _loaded(row[1])
                 rows[name] = (row[0], name, *row[2:])
         self._dir, self._rows = dirrel, rows
