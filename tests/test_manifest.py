@@ -439,6 +439,44 @@ def test_a_subtree_index_expects_only_the_rows_below_it_and_no_deleted_ones(mani
     assert index.all_seen()
 
 
+PARTS = ("a", "b", "a b", "a0", "br[a]ck*t?", os.fsdecode(b"caf\xe9"), "é", "x.pdf")
+"""Path parts with what the per-directory queries must get right: a sibling that sorts right after
+``a/`` (``a0``), GLOB's own characters, bytes that are not UTF-8 (stored as blobs), non-ASCII text."""
+RELPATHS = st.lists(st.sampled_from(PARTS), min_size=1, max_size=3).map("/".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.dictionaries(RELPATHS, st.booleans(), min_size=1, max_size=12),
+    met_some=st.data(),
+    under=st.sampled_from(("", "a", "br[a]ck*t?", os.fsdecode(b"caf\xe9"))),
+)
+def test_the_quick_index_reports_unseen_exactly_the_rows_a_walk_did_not_meet(
+    shared_manifest: Manifest, rows: dict[str, bool], met_some: st.DataObject, under: str
+) -> None:
+    """``rows``: relpath → deleted. A walk (of the root or of ``under``) meets some of them, a directory at
+    a time; ``was_seen`` must be False for exactly the others, and ``all_seen`` say whether any live one
+    is left, whatever the names."""
+    root_id = 1000 + next(_keys)
+    for relpath, deleted in rows.items():
+        queue(shared_manifest, FileKey(root_id, relpath))
+        if deleted:
+            shared_manifest.mark_deleted(FileKey(root_id, relpath))
+    shared_manifest.commit()
+    below = sorted(r for r in rows if not under or r.startswith(under + "/"))
+    met = met_some.draw(st.sets(st.sampled_from(below)) if below else st.just(set()))
+    index = shared_manifest.quick_index(root_id, under)
+    assert len(index) == sum(1 for r in below if not rows[r])
+    for relpath in sorted(met, key=lambda r: r.rpartition("/")[0]):  # the walk: one directory at a time
+        expected = State.DELETED if rows[relpath] else State.QUEUED
+        assert index.seen_unchanged(relpath, *astuple(STAT)) is expected
+    queue(shared_manifest, FileKey(root_id, under + "/later" if under else "later"))  # after the walk began
+    shared_manifest.commit()
+    assert {r for r in below if not index.was_seen(r)} == set(below) - met
+    assert index.was_seen(under + "/later" if under else "later")
+    assert index.all_seen() == all(rows[r] or r in met for r in below)
+
+
 def test_rows_written_after_the_index_was_loaded_are_never_reported_unseen(manifest: Manifest) -> None:
     """The walk hands new files to the hashers, which queue rows meanwhile: no evidence of a delete."""
     queue(manifest, FileKey(1, "old.pdf"))
