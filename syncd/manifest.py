@@ -326,8 +326,8 @@ class QuickIndex:
 
     Only rows that existed at construction count (``id <= max id`` then): a row written later (a file
     the same walk found and the hashers queued) is no evidence of anything. A row the walk met, or whose
-    path the walk met, is seen; ``was_seen`` is False only for a row that existed, was not met, and whose
-    path the walk did not yield either (a missed delete is safe, a false one is not).
+    path the walk handed on (``met``), is seen; ``was_seen`` is False only for a row that existed, was not
+    met, and whose path the walk did not hand on either (a missed delete is safe, a false one is not).
     """
 
     __slots__ = (
@@ -408,7 +408,6 @@ class QuickIndex:
             self._enter(dirrel)
         row = self._rows.get(name)
         if row is None:
-            self._met.add(relpath)
             return None
         row_id, _, r_size, r_mtime, r_ctime, r_inode, state = row
         if not self._seen[row_id]:
@@ -417,6 +416,11 @@ class QuickIndex:
         if r_size != size or r_mtime != mtime_ns or r_ctime != ctime_ns or _u64(r_inode) != inode:
             return None
         return _STATE_OF[state]
+
+    def met(self, relpath: str) -> None:
+        """The walk hands ``relpath`` on (new, changed or not known here): it counts as seen whatever the
+        index says. Only what is handed on is kept, so a folder of ignored files costs no memory."""
+        self._met.add(relpath)
 
     def all_seen(self) -> bool:
         """Every row below ``under`` was met by the walk (the usual no-change pass)."""

@@ -102,6 +102,7 @@ def _walk_root(
                 continue
             if not rules_changed and not accepted(result.relpath, result.stat.size):
                 continue
+            index.met(result.relpath)
             batch.append(Candidate(root, root_id, result.relpath, result.stat))
             if len(batch) >= SCAN_BATCH:
                 deliver(batch)
