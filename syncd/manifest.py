@@ -293,6 +293,8 @@ _BLOB_ROWS = (
     " WHERE root_id=? AND relpath>=? AND relpath<? AND source IS NULL AND id<=?"
     " AND instr(substr(relpath, ?), x'2f')=0"
 )
+"""The same for names that are not UTF-8, stored as blobs: GLOB is defined on text only, so the
+subdirectories' rows are told apart by a '/' byte after the prefix (rare rows: speed does not matter)."""
 _BLOBS_FROM = b""
 """SQLite orders every text before every blob: ``relpath >= x''`` is the blob rows, ``< x''`` the text."""
 
@@ -359,12 +361,12 @@ class QuickIndex:
         self._rows: dict[str, tuple[int, str, int, int, int, int, str]] = {}
         self._total = self._count(under.strip("/"))
 
+    def _ranges(self, dirrel: str) -> tuple[tuple[str, str | bytes] | None, tuple[bytes, bytes] | None]:
+        """The bounds of the text relpaths below ``dirrel``, and of the blob ones if this root has any."""
+        return _text_range(dirrel), (_blob_range(dirrel) if self._blobs else None)
+
     def _count(self, under: str) -> int:
-        ranges: list[tuple[str | bytes, str | bytes]] = []
-        if (text := _text_range(under)) is not None:
-            ranges.append(text)
-        if self._blobs:
-            ranges.append(_blob_range(under))
+        ranges = [r for r in self._ranges(under) if r is not None]
         where = " OR ".join("(relpath>=? AND relpath<?)" for _ in ranges) or "0"
         sql = (
             "SELECT count(*) FROM files WHERE root_id=? AND source IS NULL AND id<=? AND state!='deleted'"
@@ -382,16 +384,16 @@ class QuickIndex:
     def _enter(self, dirrel: str) -> None:
         rows: dict[str, tuple[int, str, int, int, int, int, str]] = {}
         root_id, max_id = self._root_id, self._max_id
-        if (text := _text_range(dirrel)) is not None:
+        text, blob = self._ranges(dirrel)
+        if text is not None:
             prefix = text[0]
             nested = _GLOB_SPECIAL.sub(r"[\1]", prefix) + "*/*"
             cut = len(prefix)
             for row in self._conn.execute(_TEXT_ROWS, (root_id, *text, max_id, nested)):
                 rows[row[1][cut:]] = row
-        if self._blobs:
-            low, high = _blob_range(dirrel)
-            start = len(low) + 1
-            for row in self._conn.execute(_BLOB_ROWS, (start, root_id, low, high, max_id, start)):
+        if blob is not None:
+            start = len(blob[0]) + 1
+            for row in self._conn.execute(_BLOB_ROWS, (start, root_id, *blob, max_id, start)):
                 name = _loaded(row[1])
                 rows[name] = (row[0], name, *row[2:])
         self._dir, self._rows = dirrel, rows
